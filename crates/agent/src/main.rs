@@ -1,0 +1,146 @@
+//! fjord-agent: the node daemon.
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use fjord_agent::{agent, ipam, server};
+use fjord_net::{netns, Netlink};
+use std::path::PathBuf;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// fjord's node agent. It owns the networking of the network namespace it runs
+/// in (the node): pod IP addresses from the node's PodCIDR (kubernetes-mode
+/// IPAM), a veth pair and routes per pod, cleanup of pods whose namespace
+/// vanished without CNI DEL. The CNI plugin (fjord-cni) and fjordctl talk to it
+/// over HTTP+JSON on a unix socket (--api-socket).
+///
+/// Safety: the agent refuses to run in the machine's initial network namespace
+/// unless --allow-host-network is given (a real node); the dev cluster runs one
+/// agent per node namespace.
+#[derive(Parser, Debug)]
+#[command(name = "fjord-agent", version)]
+struct Args {
+    /// Name of this node.
+    #[arg(long, env = "FJORD_NODE")]
+    node: String,
+    /// Where cluster state lives: `embedded:PATH` (a local database file; the single-node default).
+    #[arg(long, env = "FJORD_STORE", default_value = "embedded:/var/lib/fjord/store.redb")]
+    store: String,
+    /// This node's PodCIDR, e.g. 10.244.1.0/24. Pods get addresses from it; its first
+    /// address is the pods' gateway.
+    #[arg(long, env = "FJORD_POD_CIDR")]
+    pod_cidr: ipnet::Ipv4Net,
+    /// Unix socket of the agent's API (used by fjord-cni and fjordctl).
+    #[arg(long, env = "FJORD_API_SOCKET", default_value = fjord_model::cni::DEFAULT_AGENT_SOCKET)]
+    api_socket: PathBuf,
+    /// TCP address for Prometheus metrics (`/metrics`), in the agent's namespace; `none` to disable.
+    /// Metrics are also served on the API socket.
+    #[arg(long, env = "FJORD_METRICS_ADDR", default_value = "127.0.0.1:9962")]
+    metrics_addr: String,
+    /// Safety-net interval for the zombie sweep (pods whose namespace vanished without
+    /// CNI DEL are normally noticed at once from kernel link events). E.g. 5s, 500ms.
+    #[arg(long, env = "FJORD_ZOMBIE_SWEEP", default_value = "5s", value_parser = parse_duration)]
+    zombie_sweep_interval: Duration,
+    /// Allow running in the machine's initial network namespace (a real node, where the
+    /// agent manages the host's networking: ip_forward, pod routes). Never used by tests.
+    #[arg(long, env = "FJORD_ALLOW_HOST_NETWORK")]
+    allow_host_network: bool,
+    /// Log format: text or json. Log level from RUST_LOG (default info).
+    #[arg(long, env = "FJORD_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 5s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
+}
+
+#[tokio::main(worker_threads = 2)]
+async fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    if let Err(e) = run(args).await {
+        tracing::error!("{e:#}");
+        eprintln!("fjord-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    fjord_model::api::validate_dns_label("--node", &args.node).map_err(anyhow::Error::msg)?;
+    if netns::in_init_netns() && !args.allow_host_network {
+        bail!(
+            "refusing to manage the machine's initial network namespace: run fjord-agent inside a node's network \
+             namespace (as `fjordctl cluster up` does), or pass --allow-host-network on a real node"
+        );
+    }
+    let pool = ipam::Pool::new(args.pod_cidr).context("--pod-cidr")?;
+    if args.api_socket.exists() {
+        if tokio::net::UnixStream::connect(&args.api_socket).await.is_ok() {
+            bail!("another agent is already serving on {} (stop it first)", args.api_socket.display());
+        }
+        std::fs::remove_file(&args.api_socket).with_context(|| format!("removing stale socket {}", args.api_socket.display()))?;
+    }
+    let store = fjord_store::open(&args.store).await.with_context(|| format!("opening store --store {}", args.store))?;
+    // The node forwards between its pods and the underlay.
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling net.ipv4.ip_forward in the node's namespace")?;
+    let nl = Netlink::new().context("opening a netlink socket")?;
+    let mut addresses = Vec::new();
+    for l in nl.links().await? {
+        if l.name != "lo" && !l.name.starts_with("fj") {
+            addresses.extend(nl.addrs(&l.name).await?.into_iter().map(|(ip, _)| ip));
+        }
+    }
+    let agent = agent::Agent::new(args.node.clone(), store, pool, nl);
+    agent.register_node(addresses.clone()).await?;
+    // Reconcile what happened while the agent was down.
+    let cleaned = agent.sweep_zombies("agent start").await.map_err(|e| anyhow::anyhow!("initial sweep: {e}"))?;
+    let atts = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ipam = agent.ipam_status().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    info!(node = %args.node, pod_cidr = %args.pod_cidr, gateway = %pool_gateway(&agent), addresses = ?addresses,
+          attachments = atts.len(), allocated = ipam.allocated, zombies_cleaned = cleaned.len(), store = %args.store, "agent starting");
+    tokio::spawn(agent::run_zombie_reaper(agent.clone(), args.zombie_sweep_interval));
+
+    let netns_label = std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default();
+    let app = server::router(server::Ctx { agent: agent.clone(), netns_label });
+    if let Some(dir) = args.api_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&args.api_socket).with_context(|| format!("binding API socket {}", args.api_socket.display()))?;
+    if args.metrics_addr != "none" {
+        let tcp = tokio::net::TcpListener::bind(&args.metrics_addr).await.with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
+        let a = agent.clone();
+        let metrics_app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { a.metrics.render() }));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, metrics_app).await {
+                warn!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    info!(socket = %args.api_socket.display(), metrics = %args.metrics_addr, "API listening");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        info!("shutting down (pods keep their networking)");
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("API server")?;
+    let _ = std::fs::remove_file(&args.api_socket);
+    Ok(())
+}
+
+fn pool_gateway(a: &agent::Agent) -> std::net::Ipv4Addr {
+    a.pool.gateway()
+}

@@ -1,0 +1,80 @@
+//! Prometheus metrics of the agent (text format on `/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CniLabels {
+    pub command: String,
+    pub result: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub cni_requests: Family<CniLabels, Counter>,
+    pub cni_add_seconds: Histogram,
+    pub cni_del_seconds: Histogram,
+    pub ipam_capacity: Gauge,
+    pub ipam_allocated: Gauge,
+    pub attachments: Gauge,
+    pub zombies_cleaned: Counter<u64, AtomicU64>,
+    pub store_revision: Gauge,
+    pub rss_bytes: Gauge,
+}
+
+impl Metrics {
+    pub fn new(node: &str) -> Metrics {
+        let mut registry = Registry::with_prefix_and_labels("fjord", [(std::borrow::Cow::Borrowed("node"), std::borrow::Cow::Owned(node.to_string()))].into_iter());
+        let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+        let m = Metrics {
+            cni_requests: Family::default(),
+            cni_add_seconds: Histogram::new(buckets.into_iter()),
+            cni_del_seconds: Histogram::new(buckets.into_iter()),
+            ipam_capacity: Gauge::default(),
+            ipam_allocated: Gauge::default(),
+            attachments: Gauge::default(),
+            zombies_cleaned: Counter::default(),
+            store_revision: Gauge::default(),
+            rss_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("cni_requests", "CNI requests served, by command and result", m.cni_requests.clone());
+        registry.register("cni_add_duration_seconds", "Time to serve a CNI ADD (IPAM + store + plumbing)", m.cni_add_seconds.clone());
+        registry.register("cni_del_duration_seconds", "Time to serve a CNI DEL", m.cni_del_seconds.clone());
+        registry.register("ipam_capacity_addresses", "Pod addresses the node's PodCIDR can give", m.ipam_capacity.clone());
+        registry.register("ipam_allocated_addresses", "Pod addresses allocated", m.ipam_allocated.clone());
+        registry.register("attachments", "Pod interfaces attached on this node", m.attachments.clone());
+        registry.register(
+            "zombie_cleanups",
+            "Attachments whose network namespace vanished without CNI DEL, cleaned up by the agent",
+            m.zombies_cleaned.clone(),
+        );
+        registry.register("store_revision", "Last revision of the store seen by the agent", m.store_revision.clone());
+        registry.register("agent_rss_bytes", "Resident memory of the agent", m.rss_bytes.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn cni(&self, command: &str, ok: bool) {
+        self.cni_requests.get_or_create(&CniLabels { command: command.into(), result: if ok { "ok" } else { "error" }.into() }).inc();
+    }
+
+    pub fn render(&self) -> String {
+        self.rss_bytes.set(rss_bytes() as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding metrics to a String");
+        out
+    }
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}

@@ -1,0 +1,104 @@
+//! The agent's HTTP+JSON API (see `fjord_model::api` for the endpoint table).
+
+use crate::agent::Agent;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fjord_model::api::*;
+use fjord_model::cni::{code, CniError};
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Ctx {
+    pub agent: Arc<Agent>,
+    pub netns_label: String,
+}
+
+pub struct ApiErr(pub CniError);
+
+impl From<CniError> for ApiErr {
+    fn from(e: CniError) -> Self {
+        ApiErr(e)
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let status = match self.0.code {
+            code::INVALID_ENV | code::INVALID_CONFIG | code::DECODE_FAILURE | code::INCOMPATIBLE_VERSION | code::UNSUPPORTED_FIELD => StatusCode::BAD_REQUEST,
+            code::CONTAINER_UNKNOWN => StatusCode::NOT_FOUND,
+            code::ALREADY_EXISTS => StatusCode::CONFLICT,
+            code::TRY_AGAIN_LATER | code::NOT_AVAILABLE | code::IPAM_EXHAUSTED => StatusCode::SERVICE_UNAVAILABLE,
+            code::CHECK_FAILED => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(self.0)).into_response()
+    }
+}
+
+type R<T> = Result<Json<T>, ApiErr>;
+
+/// Reject bodies that are not the expected JSON with a CNI-style error naming the problem.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErr> {
+    serde_json::from_slice(bytes).map_err(|e| ApiErr(CniError::new(code::DECODE_FAILURE, format!("request body is not valid: {e}"))))
+}
+
+pub fn router(ctx: Ctx) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(|State(c): State<Ctx>| async move { c.agent.metrics.render() }))
+        .route("/v1/status", get(|State(c): State<Ctx>| async move { R::<AgentStatus>::Ok(Json(c.agent.status(c.netns_label.clone()).await?)) }))
+        .route(
+            "/v1/cni/add",
+            post(|State(c): State<Ctx>, b: axum::body::Bytes| async move { R::<CniAddResponse>::Ok(Json(c.agent.add(&body(&b)?).await?)) }),
+        )
+        .route(
+            "/v1/cni/del",
+            post(|State(c): State<Ctx>, b: axum::body::Bytes| async move {
+                c.agent.del(&body(&b)?).await?;
+                R::<serde_json::Value>::Ok(Json(serde_json::json!({})))
+            }),
+        )
+        .route(
+            "/v1/cni/check",
+            post(|State(c): State<Ctx>, b: axum::body::Bytes| async move {
+                c.agent.check(&body(&b)?).await?;
+                R::<serde_json::Value>::Ok(Json(serde_json::json!({})))
+            }),
+        )
+        .route(
+            "/v1/cni/gc",
+            post(|State(c): State<Ctx>, b: axum::body::Bytes| async move {
+                let req: GcRequest = body(&b)?;
+                R::<GcResponse>::Ok(Json(GcResponse { removed: c.agent.gc(&req.valid_attachments).await? }))
+            }),
+        )
+        .route(
+            "/v1/cni/status",
+            get(|State(c): State<Ctx>| async move {
+                c.agent.cni_status().await?;
+                R::<serde_json::Value>::Ok(Json(serde_json::json!({})))
+            }),
+        )
+        .route("/v1/attachments", get(|State(c): State<Ctx>| async move { R::<Vec<Attachment>>::Ok(Json(c.agent.attachments().await?)) }))
+        .route(
+            "/v1/pods",
+            get(|State(c): State<Ctx>| async move { R::<Vec<Pod>>::Ok(Json(c.agent.pods().await?)) })
+                .post(|State(c): State<Ctx>, b: axum::body::Bytes| async move { R::<Pod>::Ok(Json(c.agent.create_pod(body(&b)?).await?)) }),
+        )
+        .route(
+            "/v1/pods/{ns}/{name}",
+            get(|State(c): State<Ctx>, Path((ns, name)): Path<(String, String)>| async move { R::<Pod>::Ok(Json(c.agent.get_pod(&ns, &name).await?)) })
+                .put(|State(c): State<Ctx>, Path((ns, name)): Path<(String, String)>, b: axum::body::Bytes| async move {
+                    let pod: Pod = body(&b)?;
+                    if pod.namespace != ns || pod.name != name {
+                        return Err(ApiErr(CniError::new(code::INVALID_CONFIG, format!("body names pod {}/{}, path names {ns}/{name}", pod.namespace, pod.name))));
+                    }
+                    R::<Pod>::Ok(Json(c.agent.update_pod(pod).await?))
+                })
+                .delete(|State(c): State<Ctx>, Path((ns, name)): Path<(String, String)>| async move { R::<Pod>::Ok(Json(c.agent.delete_pod(&ns, &name).await?)) }),
+        )
+        .with_state(ctx)
+}

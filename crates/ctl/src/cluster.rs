@@ -1,0 +1,357 @@
+//! The local dev cluster: network namespaces only, nothing in the machine's
+//! root namespace changes.
+//!
+//! ```text
+//!   fjord-NAME.underlay   bridge br0 (the "underlay", 172.18.0.0/16)
+//!     ├── veth ── fjord-NAME.node1  eth0 172.18.0.2   agent, PodCIDR 10.244.1.0/24
+//!     │                └── veth ── fjord-NAME.pod.NS.POD  eth0 10.244.1.x/32
+//!     └── veth ── fjord-NAME.ext    eth0 172.18.255.1 (external client / "the internet")
+//! ```
+
+use crate::context::{ClusterState, Home, NodeState};
+use anyhow::{bail, Context, Result};
+use fjord_api::AgentClient;
+use fjord_net::{netns, Netlink};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const UNDERLAY_CIDR: &str = "172.18.0.0/16";
+pub const EXT_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 18, 255, 1);
+
+pub struct UpOptions {
+    pub name: String,
+    pub nodes: u32,
+    pub store: String,
+    pub bin_dir: PathBuf,
+}
+
+/// Where fjord's binaries are: `FJORD_BIN_DIR`, else next to this fjordctl.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FJORD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn validate_name(name: &str) -> Result<()> {
+    fjord_model::api::validate_dns_label("cluster name", name).map_err(anyhow::Error::msg)?;
+    if name.len() > 40 {
+        bail!("cluster name {name:?} is too long (max 40 characters)");
+    }
+    Ok(())
+}
+
+fn node_address(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(172, 18, 0, 1 + i as u8)
+}
+
+/// Create the cluster. On failure everything made so far is removed again.
+pub async fn up(home: &Home, o: &UpOptions, progress: &dyn Fn(&str)) -> Result<ClusterState> {
+    validate_name(&o.name)?;
+    if o.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    match o.store.as_str() {
+        "embedded" if o.nodes > 1 => bail!(
+            "--nodes {} needs --store etcd: the embedded store is a single-node store (every agent would keep its own \
+             state, so nodes could not learn each other's PodCIDRs and pods). Multi-node clusters arrive with the \
+             etcd backend (cluster mode); until then use --nodes 1.",
+            o.nodes
+        ),
+        "embedded" => {}
+        "etcd" => bail!("--store etcd is not available yet: the etcd backend arrives with cluster mode; use --store embedded"),
+        other => bail!("--store {other:?} is unknown: use embedded"),
+    }
+    let dir = home.cluster_dir(&o.name);
+    if dir.join("cluster.json").exists() {
+        bail!(
+            "cluster {:?} already exists (state in {}); use it, or remove it with `fjordctl cluster down --name {}`",
+            o.name,
+            dir.display(),
+            o.name
+        );
+    }
+    let leftovers = netns::list(&ClusterState::netns_prefix(&o.name));
+    if !leftovers.is_empty() {
+        bail!(
+            "network namespaces of a cluster named {:?} exist without its state ({}); remove them with `fjordctl cluster down --name {}`",
+            o.name,
+            leftovers.join(", "),
+            o.name
+        );
+    }
+    for b in ["fjord-agent", "fjord-cni"] {
+        if !o.bin_dir.join(b).exists() {
+            bail!("{b} not found in {} (build with `cargo build --release`, or set FJORD_BIN_DIR)", o.bin_dir.display());
+        }
+    }
+    let prefix = ClusterState::netns_prefix(&o.name);
+    let mut state = ClusterState {
+        name: o.name.clone(),
+        store: o.store.clone(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        underlay_netns: format!("{prefix}underlay"),
+        underlay_cidr: UNDERLAY_CIDR.parse().unwrap(),
+        ext_netns: format!("{prefix}ext"),
+        ext_address: EXT_ADDRESS,
+        nodes: vec![],
+    };
+    // Save first, so that `cluster down` can clean up whatever a failure leaves.
+    home.save_cluster(&state)?;
+    let r = build(home, o, &mut state, progress).await;
+    if let Err(e) = r {
+        progress(&format!("cluster up failed: {e:#}; removing what was made"));
+        let _ = down(home, &o.name, &|_| {}).await;
+        return Err(e);
+    }
+    let mut cfg = home.config()?;
+    cfg.current_cluster = Some(o.name.clone());
+    home.save_config(&cfg)?;
+    Ok(state)
+}
+
+async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &dyn Fn(&str)) -> Result<()> {
+    let underlay = netns::create(&state.underlay_netns)?;
+    progress(&format!("created namespace {} with bridge br0 (underlay {})", state.underlay_netns, state.underlay_cidr));
+    netns::run_async_in(&underlay, || async {
+        let nl = Netlink::new()?;
+        nl.set_up("lo").await?;
+        nl.add_bridge("br0").await?;
+        nl.set_up("br0").await?;
+        anyhow::Ok(())
+    })
+    .await??;
+    let prefix_len = state.underlay_cidr.prefix_len();
+    // External client namespace.
+    let ext = netns::create(&state.ext_netns)?;
+    attach_to_underlay(&underlay, &ext, "ext", state.ext_address, prefix_len).await?;
+    progress(&format!("created namespace {} (external client) at {}", state.ext_netns, state.ext_address));
+    home.save_cluster(state)?;
+    for i in 1..=o.nodes {
+        let name = format!("node{i}");
+        let ns_name = format!("{}{name}", ClusterState::netns_prefix(&state.name));
+        let node_ns = netns::create(&ns_name)?;
+        let address = node_address(i);
+        let veth = format!("n{i}");
+        attach_to_underlay(&underlay, &node_ns, &veth, address, prefix_len).await?;
+        let dir = home.cluster_dir(&state.name).join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let mut node = NodeState {
+            name: name.clone(),
+            netns: ns_name.clone(),
+            address,
+            pod_cidr: format!("10.244.{i}.0/24").parse().unwrap(),
+            api_socket: dir.join("agent.sock"),
+            store: format!("embedded:{}", dir.join("store.redb").display()),
+            cni_bin_dir: dir.join("cni/bin"),
+            cni_conf_dir: dir.join("cni/net.d"),
+            dir,
+            agent_pid: None,
+            underlay_veth: veth,
+        };
+        install_cni(&o.bin_dir, &node)?;
+        state.nodes.push(node.clone());
+        home.save_cluster(state)?;
+        let pid = start_agent(&o.bin_dir, &node)?;
+        node.agent_pid = Some(pid);
+        *state.nodes.last_mut().unwrap() = node.clone();
+        home.save_cluster(state)?;
+        wait_for_agent(&node, pid).await?;
+        progress(&format!(
+            "created node {name}: namespace {ns_name}, address {address}, PodCIDR {}, agent pid {pid}, API {}",
+            node.pod_cidr,
+            node.api_socket.display()
+        ));
+        progress(&format!("  CNI plugin {}/fjord-cni, conflist {}/10-fjord.conflist", node.cni_bin_dir.display(), node.cni_conf_dir.display()));
+    }
+    Ok(())
+}
+
+/// A veth from the underlay bridge into `ns`, named eth0 there, with `addr`.
+async fn attach_to_underlay(underlay: &Path, ns: &Path, veth: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+    let ns_file = netns::open(ns)?;
+    let veth_s = veth.to_string();
+    let peer = format!("{veth}p");
+    let peer2 = peer.clone();
+    netns::run_async_in(underlay, move || async move {
+        let nl = Netlink::new()?;
+        nl.add_veth(&veth_s, &peer2, None).await?;
+        nl.set_master(&veth_s, "br0").await?;
+        nl.set_up(&veth_s).await?;
+        nl.move_to_netns(&peer2, &ns_file).await?;
+        anyhow::Ok(())
+    })
+    .await??;
+    netns::run_async_in(ns, move || async move {
+        let nl = Netlink::new()?;
+        nl.rename(&peer, "eth0").await?;
+        nl.set_up("lo").await?;
+        nl.set_up("eth0").await?;
+        nl.add_addr("eth0", addr, prefix_len).await?;
+        anyhow::Ok(())
+    })
+    .await??;
+    Ok(())
+}
+
+fn install_cni(bin_dir: &Path, node: &NodeState) -> Result<()> {
+    let out = std::process::Command::new(bin_dir.join("fjord-cni"))
+        .arg("install")
+        .arg("--bin-dir")
+        .arg(&node.cni_bin_dir)
+        .arg("--conf-dir")
+        .arg(&node.cni_conf_dir)
+        .arg("--agent-socket")
+        .arg(&node.api_socket)
+        .output()
+        .context("running fjord-cni install")?;
+    if !out.status.success() {
+        bail!("fjord-cni install failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Start the node's agent inside the node's namespace, detached, logging to agent.log.
+pub fn start_agent(bin_dir: &Path, node: &NodeState) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let log_path = node.dir.join("agent.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(bin_dir.join("fjord-agent"));
+    cmd.arg("--node")
+        .arg(&node.name)
+        .arg("--store")
+        .arg(&node.store)
+        .arg("--pod-cidr")
+        .arg(node.pod_cidr.to_string())
+        .arg("--api-socket")
+        .arg(&node.api_socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FJORD_") {
+            cmd.env_remove(k);
+        }
+    }
+    netns::command_in(&mut cmd, &netns::path(&node.netns))?;
+    // SAFETY: setsid is async-signal-safe; it detaches the agent from fjordctl's session.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let child = cmd.spawn().context("starting fjord-agent")?;
+    Ok(child.id())
+}
+
+pub async fn wait_for_agent(node: &NodeState, pid: u32) -> Result<()> {
+    let client = AgentClient::new(&node.api_socket).with_timeout(Duration::from_secs(2));
+    let t0 = Instant::now();
+    loop {
+        if client.healthz().await.is_ok() {
+            return Ok(());
+        }
+        if !pid_alive(pid) || t0.elapsed() > Duration::from_secs(30) {
+            let log = std::fs::read_to_string(node.dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!("agent of {} did not come up; last lines of {}:\n{}", node.name, node.dir.join("agent.log").display(), tail.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // A zombie child (not yet reaped) counts as dead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Is `pid` the agent of `node` (and not some other process that reused the pid)?
+fn is_our_agent(pid: u32, node: &NodeState) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let args: Vec<String> = c.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+            args.first().is_some_and(|a| a.ends_with("fjord-agent")) && args.iter().any(|a| *a == node.api_socket.display().to_string())
+        })
+        .unwrap_or(false)
+}
+
+pub fn stop_agent(node: &NodeState, signal: nix::sys::signal::Signal) -> Result<bool> {
+    let Some(pid) = node.agent_pid else { return Ok(false) };
+    if !is_our_agent(pid, node) {
+        return Ok(false);
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        if t0.elapsed() > Duration::from_secs(5) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("agent pid {pid} of {} does not exit", node.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(true)
+}
+
+/// Remove every namespace, process and file of cluster `name`. Works from the
+/// state file and, if that is gone, from the namespace prefix.
+pub async fn down(home: &Home, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
+    validate_name(name)?;
+    let state = home.load_cluster(name).ok();
+    let prefix = ClusterState::netns_prefix(name);
+    let existing_ns = netns::list(&prefix);
+    if state.is_none() && existing_ns.is_empty() {
+        bail!("cluster {name:?} does not exist (no state in {} and no namespaces {prefix}*)", home.cluster_dir(name).display());
+    }
+    if let Some(s) = &state {
+        for n in &s.nodes {
+            if stop_agent(n, nix::sys::signal::Signal::SIGTERM)? {
+                progress(&format!("stopped agent of {} (pid {})", n.name, n.agent_pid.unwrap_or(0)));
+            }
+        }
+    }
+    // Pods first (their veths go with them), then nodes, ext, underlay.
+    let mut all = netns::list(&prefix);
+    all.sort_by_key(|n| (!n.starts_with(&format!("{prefix}pod.")), n.ends_with(".underlay")));
+    for ns in all {
+        netns::delete(&ns)?;
+        progress(&format!("deleted namespace {ns}"));
+    }
+    let dir = home.cluster_dir(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        progress(&format!("removed {}", dir.display()));
+    }
+    let mut cfg = home.config()?;
+    if cfg.current_cluster.as_deref() == Some(name) {
+        cfg.current_cluster = None;
+        home.save_config(&cfg)?;
+    }
+    Ok(())
+}
+
+/// Names of clusters with state under `home`.
+pub fn list(home: &Home) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(home.dir.join("clusters"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("cluster.json").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Run a command inside a namespace; returns its exit code.
+pub fn exec_in(ns: &Path, argv: &[String]) -> Result<i32> {
+    let (prog, args) = argv.split_first().context("no command given (use: -- CMD ARGS...)")?;
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args);
+    netns::command_in(&mut cmd, ns)?;
+    let status = cmd.status().with_context(|| format!("running {prog}"))?;
+    Ok(status.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
+}

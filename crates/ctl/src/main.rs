@@ -1,0 +1,304 @@
+//! fjordctl: fjord's command line.
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fjord_api::AgentClient;
+use fjordctl::context::Home;
+use fjordctl::{cluster, pod};
+use std::path::PathBuf;
+
+/// fjordctl: run and inspect fjord, a Kubernetes networking stack with an eBPF datapath.
+///
+/// fjordctl remembers the current dev cluster in $FJORD_HOME/config.json (default
+/// ~/.fjord), like a kubeconfig, so commands after `cluster up` need no flags.
+#[derive(Parser, Debug)]
+#[command(name = "fjordctl", version, propagate_version = true)]
+struct Cli {
+    /// Directory for fjordctl's state (current cluster, cluster files).
+    #[arg(long, global = true, env = "FJORD_HOME")]
+    fjord_home: Option<PathBuf>,
+    /// Cluster to act on (default: the current one).
+    #[arg(long, global = true, env = "FJORD_CLUSTER")]
+    cluster: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Local dev cluster (kind-like) made of network namespaces.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Pods in the dev cluster (fjordctl acts as the container runtime).
+    #[command(subcommand)]
+    Pod(PodCmd),
+    /// Health of every node's agent, store and IPAM (`--verbose` for details).
+    Status(StatusArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Create a dev cluster: an underlay bridge namespace, a namespace + agent per node
+    /// (with fjord-cni and its conflist installed), an external client namespace.
+    Up {
+        /// Cluster name (lower-case letters, digits, '-').
+        #[arg(long, default_value = "fjord")]
+        name: String,
+        /// Number of nodes. More than one needs the etcd store (cluster mode).
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
+        /// Cluster state store: embedded (single node).
+        #[arg(long, default_value = "embedded")]
+        store: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Remove a dev cluster: its agents, namespaces, links and files.
+    Down {
+        /// Cluster name (default: the current cluster).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List dev clusters (* marks the current one).
+    List,
+    /// Run a command in the cluster's external client namespace (on the underlay, outside every node).
+    Exec {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PodCmd {
+    /// Create a pod: a network namespace plus CNI ADD through the node's plugin, as containerd does.
+    Add {
+        /// NAMESPACE/NAME (or NAME in namespace default).
+        pod: String,
+        /// Node to place the pod on (default: the first node).
+        #[arg(long)]
+        node: Option<String>,
+        /// Labels, k=v,k2=v2.
+        #[arg(long, default_value = "")]
+        labels: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Delete a pod: CNI DEL, then its network namespace.
+    Del {
+        pod: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// List pods on every node.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Run a command inside a pod's network namespace: `fjordctl pod exec NS/NAME -- CMD ARGS...`.
+    Exec {
+        pod: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Show details: IPAM, store round trip, attachments, metrics.
+    #[arg(short, long)]
+    verbose: bool,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Text,
+    Wide,
+    Json,
+    Yaml,
+}
+
+fn emit<T: serde::Serialize>(o: Output, v: &T) -> Result<bool> {
+    match o {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Yaml => print!("{}", serde_norway::to_string(v)?),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let home = Home::new(cli.fjord_home.clone());
+    match cli.cmd {
+        Cmd::Cluster(c) => cluster_cmd(&home, cli.cluster.as_deref(), c).await,
+        Cmd::Pod(p) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            pod_cmd(&cl, p).await
+        }
+        Cmd::Status(a) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            status(&cl, &a).await
+        }
+    }
+}
+
+async fn cluster_cmd(home: &Home, explicit: Option<&str>, c: ClusterCmd) -> Result<i32> {
+    match c {
+        ClusterCmd::Up { name, nodes, store, output } => {
+            let quiet = output != Output::Text;
+            let progress = |m: &str| {
+                if !quiet {
+                    println!("{m}")
+                }
+            };
+            let opts = cluster::UpOptions { name: name.clone(), nodes, store, bin_dir: cluster::bin_dir() };
+            let st = cluster::up(home, &opts, &progress).await?;
+            if !emit(output, &st)? {
+                println!("cluster {name} is up; it is now the current cluster. Next: `fjordctl pod add default/web`, `fjordctl status`.");
+            }
+            Ok(0)
+        }
+        ClusterCmd::Down { name } => {
+            let name = match name.or(explicit.map(str::to_string)) {
+                Some(n) => n,
+                None => home.config()?.current_cluster.context("no current cluster; pass --name NAME")?,
+            };
+            cluster::down(home, &name, &|m| println!("{m}")).await?;
+            println!("cluster {name} removed");
+            Ok(0)
+        }
+        ClusterCmd::List => {
+            let cur = home.config()?.current_cluster;
+            for n in cluster::list(home) {
+                println!("{}{n}", if cur.as_deref() == Some(n.as_str()) { "* " } else { "  " });
+            }
+            Ok(0)
+        }
+        ClusterCmd::Exec { command } => {
+            let cl = home.resolve(explicit)?;
+            cluster::exec_in(&fjord_net::netns::path(&cl.ext_netns), &command)
+        }
+    }
+}
+
+async fn pod_cmd(cl: &fjordctl::context::ClusterState, p: PodCmd) -> Result<i32> {
+    match p {
+        PodCmd::Add { pod: r, node, labels, output } => {
+            let labels = fjord_model::api::parse_labels(&labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
+            let info = pod::add(cl, node.as_deref(), &r, labels).await?;
+            if !emit(output, &info)? {
+                println!(
+                    "pod {}/{} created on {}: IP {}, netns {} (CNI ADD {:.1} ms)",
+                    info.namespace,
+                    info.name,
+                    info.node,
+                    info.ip.map_or("-".into(), |i| i.to_string()),
+                    info.netns,
+                    info.cni_add_ms.unwrap_or(0.0)
+                );
+            }
+            Ok(0)
+        }
+        PodCmd::Del { pod: r, output } => {
+            let info = pod::del(cl, &r).await?;
+            if !emit(output, &info)? {
+                println!("pod {}/{} deleted from {} (IP {} released)", info.namespace, info.name, info.node, info.ip.map_or("-".into(), |i| i.to_string()));
+            }
+            Ok(0)
+        }
+        PodCmd::List { output } => {
+            let pods = pod::list(cl).await?;
+            if !emit(output, &pods)? {
+                let wide = output == Output::Wide;
+                println!("{:<12} {:<20} {:<8} {:<15} {:<12}{}", "NAMESPACE", "NAME", "NODE", "IP", "STATUS", if wide { "  NETNS / LABELS" } else { "" });
+                for p in pods {
+                    let extra = if wide {
+                        format!("  {} {}", p.netns, p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+                    } else {
+                        String::new()
+                    };
+                    println!("{:<12} {:<20} {:<8} {:<15} {:<12}{extra}", p.namespace, p.name, p.node, p.ip.map_or("-".into(), |i| i.to_string()), p.status);
+                }
+            }
+            Ok(0)
+        }
+        PodCmd::Exec { pod: r, command } => {
+            let ns = pod::netns_of(cl, &r).await?;
+            cluster::exec_in(&ns, &command)
+        }
+    }
+}
+
+async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<i32> {
+    let mut nodes = Vec::new();
+    let mut healthy = true;
+    for n in &cl.nodes {
+        let c = AgentClient::new(&n.api_socket).with_timeout(std::time::Duration::from_secs(5));
+        let st = c.status().await;
+        let mut v = serde_json::json!({"node": n.name, "address": n.address, "podCIDR": n.pod_cidr, "apiSocket": n.api_socket});
+        match &st {
+            Ok(s) => {
+                v["agent"] = serde_json::json!("OK");
+                v["status"] = serde_json::to_value(s)?;
+                if a.verbose {
+                    v["attachments"] = serde_json::to_value(c.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?)?;
+                }
+            }
+            Err(e) => {
+                healthy = false;
+                v["agent"] = serde_json::json!(format!("UNREACHABLE: {e}"));
+            }
+        }
+        v["kubeProxyReplacement"] = serde_json::json!("Disabled (the eBPF service datapath is not wired into the agent yet)");
+        nodes.push(v);
+    }
+    let out = serde_json::json!({"cluster": cl.name, "store": cl.store, "nodes": nodes});
+    if emit(a.output, &out)? {
+        return Ok(if healthy { 0 } else { 1 });
+    }
+    println!("Cluster:              {} (store: {})", cl.name, cl.store);
+    for v in &nodes {
+        println!("Node {}:", v["node"].as_str().unwrap_or("?"));
+        println!("  Agent:              {}", v["agent"].as_str().unwrap_or("?"));
+        println!("  Address:            {}", v["address"].as_str().unwrap_or("?"));
+        if let Some(s) = v.get("status") {
+            println!("  Store:              {} rev {} ({} µs round trip)", s["store"]["backend"].as_str().unwrap_or("?"), s["store"]["revision"], s["store"]["roundTripUs"]);
+            println!("  IPAM:               {}/{} allocated from {} (gateway {})", s["ipam"]["allocated"], s["ipam"]["capacity"], s["ipam"]["podCidr"].as_str().unwrap_or("?"), s["ipam"]["gateway"].as_str().unwrap_or("?"));
+            println!("  Pods attached:      {}", s["attachments"]);
+            println!("  Zombies cleaned:    {}", s["zombiesCleaned"]);
+            println!("  Uptime:             {} s", s["uptimeSecs"]);
+        }
+        println!("  KubeProxyReplacement: {}", v["kubeProxyReplacement"].as_str().unwrap_or("?"));
+        if a.verbose {
+            if let Some(atts) = v.get("attachments").and_then(|x| x.as_array()) {
+                println!("  Attachments:");
+                for at in atts {
+                    println!(
+                        "    {:<15} {:<14} {}/{}  netns {}",
+                        at["ip"].as_str().unwrap_or("?"),
+                        at["hostVeth"].as_str().unwrap_or("?"),
+                        at["podNamespace"].as_str().unwrap_or("-"),
+                        at["podName"].as_str().unwrap_or("-"),
+                        at["netns"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+    }
+    if !healthy {
+        bail!("some agents are unreachable");
+    }
+    Ok(0)
+}
