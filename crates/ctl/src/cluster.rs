@@ -259,12 +259,13 @@ pub async fn wait_for_agent(node: &NodeState, pid: u32) -> Result<()> {
     }
 }
 
+/// Whether process `pid` still runs. A zombie (exited, not yet reaped) counts
+/// as dead only once every thread has exited: a killed multi-threaded process
+/// shows its leader as a zombie while other threads still hold its files.
 pub fn pid_alive(pid: u32) -> bool {
-    // A zombie child (not yet reaped) counts as dead.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    let zombie = |stat: &str| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| !zombie(&s)))
 }
 
 /// Is `pid` the agent of `node` (and not some other process that reused the pid)?

@@ -29,6 +29,9 @@ pub struct PodInfo {
     /// Time the CNI plugin took for ADD (only from `pod add`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cni_add_ms: Option<f64>,
+    /// Time the CNI plugin took for DEL (only from `pod del`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cni_del_ms: Option<f64>,
 }
 
 pub fn parse_ref(s: &str) -> Result<(String, String)> {
@@ -127,6 +130,7 @@ pub async fn add(cluster: &ClusterState, node: Option<&str>, reference: &str, la
                 labels: pod.labels,
                 status: "Running".into(),
                 cni_add_ms: Some(took.as_secs_f64() * 1000.0),
+                cni_del_ms: None,
             })
         }
         Err(e) => {
@@ -153,9 +157,11 @@ pub async fn del(cluster: &ClusterState, reference: &str) -> Result<PodInfo> {
     let (pod, node) = find(cluster, &ns, &name).await?;
     let cid = pod.container_id.clone().unwrap_or_default();
     let ns_path = pod.netns.clone().map(PathBuf::from).unwrap_or_else(|| netns::path(&netns_name(&cluster.name, &ns, &name)));
+    let mut del_ms = None;
     if !cid.is_empty() {
         let att = Attachment { container_id: &cid, netns: &ns_path, ifname: POD_IFNAME, args: cni_args(&ns, &name, &cid) };
-        runtime(node).del(&att, None).map_err(|e| anyhow::anyhow!("CNI DEL failed: {e}"))?;
+        let took = runtime(node).del(&att, None).map_err(|e| anyhow::anyhow!("CNI DEL failed: {e}"))?;
+        del_ms = Some(took.as_secs_f64() * 1000.0);
     }
     netns::delete_path(&ns_path)?;
     AgentClient::new(&node.api_socket).delete_pod(&ns, &name).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -169,6 +175,7 @@ pub async fn del(cluster: &ClusterState, reference: &str) -> Result<PodInfo> {
         labels: pod.labels,
         status: "Deleted".into(),
         cni_add_ms: None,
+        cni_del_ms: del_ms,
     })
 }
 
@@ -196,6 +203,7 @@ pub async fn list(cluster: &ClusterState) -> Result<Vec<PodInfo>> {
                 labels: p.labels,
                 status,
                 cni_add_ms: None,
+                cni_del_ms: None,
             });
         }
     }

@@ -98,7 +98,11 @@ impl Runtime {
         fjord_net::netns::command_in(&mut cmd, &self.host_netns).map_err(anyhow::Error::from)?;
         let t0 = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("running {}", bin.display()))?;
-        child.stdin.take().unwrap().write_all(&serde_json::to_vec(stdin).unwrap()).context("writing plugin stdin")?;
+        match child.stdin.take().unwrap().write_all(&serde_json::to_vec(stdin).unwrap()) {
+            // A plugin may exit without reading its config (VERSION); its answer decides.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(anyhow::Error::from(e).context("writing plugin stdin").into()),
+            _ => {}
+        }
         let out = child.wait_with_output().context("waiting for the CNI plugin")?;
         let took = t0.elapsed();
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,0 +1,212 @@
+//! Helpers for fjord's end-to-end tests and benchmarks.
+//!
+//! Safety: everything here works in namespaces the test creates (a dev cluster
+//! with a unique name, prefixed `fjord-e2e…`) and removes them in `Drop`, also
+//! when the test panics. Kernel-touching tests are serialized across processes
+//! by an flock on `/run/fjord-e2e.lock`.
+
+use anyhow::{Context, Result};
+use fjord_api::AgentClient;
+use fjord_net::netns;
+use fjordctl::cluster::{self, UpOptions};
+use fjordctl::context::{ClusterState, Home};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Directory holding fjord-agent, fjord-cni and fjordctl (the cargo target dir of this build).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FJORD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/test-xxxx  or  target/<profile>/test-xxxx
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for b in ["fjord-agent", "fjord-cni", "fjordctl"] {
+        assert!(
+            dir.join(b).exists(),
+            "{b} is not built in {}: run `cargo build --workspace --bins` (add --release for benchmarks) first; ./fjord.sh does",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// Cross-process lock serializing tests that touch the kernel.
+pub struct KernelLock(#[allow(dead_code)] std::fs::File);
+
+pub fn kernel_lock() -> KernelLock {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/run/fjord-e2e.lock").expect("open lock file");
+    // SAFETY: flock on an fd we own.
+    let r = unsafe { libc_flock(f.as_raw_fd(), 2 /* LOCK_EX */) };
+    assert_eq!(r, 0, "flock");
+    KernelLock(f)
+}
+
+extern "C" {
+    #[link_name = "flock"]
+    fn libc_flock(fd: i32, op: i32) -> i32;
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A dev cluster that exists for one test and is removed on drop.
+pub struct TestCluster {
+    pub home: Home,
+    pub state: ClusterState,
+    _tmp: tempfile::TempDir,
+    _lock: KernelLock,
+}
+
+impl TestCluster {
+    pub async fn up() -> TestCluster {
+        let lock = kernel_lock();
+        let tmp = tempfile::Builder::new().prefix("fj").tempdir_in("/tmp").unwrap();
+        let home = Home::new(Some(tmp.path().to_path_buf()));
+        let name = format!("e2e{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let opts = UpOptions { name, nodes: 1, store: "embedded".into(), bin_dir: bin_dir() };
+        let state = cluster::up(&home, &opts, &|_| {}).await.expect("cluster up");
+        TestCluster { home, state, _tmp: tmp, _lock: lock }
+    }
+
+    pub fn node(&self) -> &fjordctl::context::NodeState {
+        &self.state.nodes[0]
+    }
+
+    pub fn client(&self) -> AgentClient {
+        AgentClient::new(&self.node().api_socket)
+    }
+
+    pub fn reload(&mut self) {
+        self.state = self.home.load_cluster(&self.state.name).unwrap();
+    }
+
+    pub fn node_netns(&self) -> PathBuf {
+        netns::path(&self.node().netns)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let name = self.state.name.clone();
+        let home = Home::new(Some(self.home.dir.clone()));
+        // Drop may run outside a runtime (after a panic); use a private one.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(cluster::down(&home, &name, &|_| {}))
+        })
+        .join();
+    }
+}
+
+pub fn pod_netns(pod: &fjordctl::pod::PodInfo) -> PathBuf {
+    netns::path(&pod.netns)
+}
+
+pub fn tcp_listen_in(ns: &Path, addr: &str) -> TcpListener {
+    let addr: SocketAddr = addr.parse().unwrap();
+    netns::run_in(ns, move || TcpListener::bind(addr)).unwrap().expect("bind")
+}
+
+pub fn tcp_connect_in(ns: &Path, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    netns::run_in(ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(5))).unwrap()
+}
+
+pub fn udp_bind_in(ns: &Path, addr: &str) -> UdpSocket {
+    let addr: SocketAddr = addr.parse().unwrap();
+    netns::run_in(ns, move || UdpSocket::bind(addr)).unwrap().expect("bind udp")
+}
+
+/// Serve `n` echo connections on `l` in a thread.
+pub fn echo_server(l: TcpListener, n: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((mut s, _)) = l.accept() else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = s.read(&mut buf) {
+                    if k == 0 || s.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// Write `msg` and read it back.
+pub fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(msg)?;
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got)?;
+    Ok(got)
+}
+
+/// Run a command in a namespace; (exit code, stdout+stderr).
+pub fn run_in_ns(ns: &Path, argv: &[&str]) -> (i32, String) {
+    let mut cmd = std::process::Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    netns::command_in(&mut cmd, ns).unwrap();
+    let out = cmd.output().expect("run command");
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Poll `f` until it returns Some or `limit` passes (for eventual states; not a timing assertion).
+pub async fn eventually<T, F: FnMut() -> Fut, Fut: std::future::Future<Output = Option<T>>>(limit: Duration, mut f: F) -> Option<T> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Links in a namespace, by name.
+pub async fn links_in(ns: &Path) -> Vec<String> {
+    netns::run_async_in(ns, || async {
+        let nl = fjord_net::Netlink::new().unwrap();
+        nl.links().await.unwrap().into_iter().map(|l| l.name).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap()
+}
+
+pub async fn routes_in(ns: &Path) -> Vec<fjord_net::RouteInfo> {
+    netns::run_async_in(ns, || async {
+        let nl = fjord_net::Netlink::new().unwrap();
+        nl.routes().await.unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss_of(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).context("read status")?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// Percentile (nearest-rank) of a sorted slice.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
