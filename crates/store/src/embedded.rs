@@ -307,8 +307,9 @@ impl Inner {
             }
             keys
         };
-        self.write(Txn::when(vec![]).and_then(keys.into_iter().map(Op::delete).collect()))?;
+        // Forget the lease first: once its keys' delete events are out, it must be gone.
         self.leases.lock().unwrap_or_else(|p| p.into_inner()).remove(&lease);
+        self.write(Txn::when(vec![]).and_then(keys.into_iter().map(Op::delete).collect()))?;
         let w = self.db.begin_write().map_err(db_err("begin write"))?;
         w.open_table(LEASES).map_err(db_err("open leases"))?.remove(lease).map_err(db_err("remove lease"))?;
         w.commit().map_err(db_err("commit"))?;

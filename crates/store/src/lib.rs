@@ -13,9 +13,11 @@
 //!   re-lists (never silently misses an event);
 //! - **leases**: keys put with a lease disappear when the lease expires.
 //!
-//! Backends: [`embedded::EmbeddedStore`] (single node, the default).
+//! Backends: [`embedded::EmbeddedStore`] (single node, the default) and
+//! [`etcd::EtcdStore`] (cluster mode).
 
 pub mod embedded;
+pub mod etcd;
 
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -194,8 +196,26 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// Open a store from a URL: `embedded:PATH` (etcd comes with cluster mode).
+/// Open a store from a URL: `embedded:PATH`, or `etcd:ENDPOINT[,ENDPOINT…]`
+/// (e.g. `etcd:http://127.0.0.1:2379`) with TLS/auth from `etcd` (endpoints
+/// there are ignored).
+pub async fn open_with(url: &str, etcd: &etcd::EtcdOptions) -> Result<Arc<dyn Store>> {
+    if let Some(eps) = url.strip_prefix("etcd:") {
+        let endpoints: Vec<String> = eps.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
+        if endpoints.is_empty() || endpoints.iter().any(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
+            return Err(StoreError::BadUrl { url: url.into(), reason: "expected etcd:http://HOST:PORT[,http://HOST:PORT…]".into() });
+        }
+        let o = etcd::EtcdOptions { endpoints, ..etcd.clone() };
+        return Ok(Arc::new(etcd::EtcdStore::connect(&o).await?));
+    }
+    open(url).await
+}
+
+/// Open a store from a URL: `embedded:PATH` or `etcd:ENDPOINTS` (no TLS/auth; see [`open_with`]).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("etcd:") {
+        return Box::pin(open_with(url, &etcd::EtcdOptions::default())).await;
+    }
     if let Some(path) = url.strip_prefix("embedded:") {
         if path.is_empty() {
             return Err(StoreError::BadUrl { url: url.into(), reason: "embedded: needs a file path, e.g. embedded:/var/lib/fjord/store.redb".into() });
@@ -203,11 +223,5 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         let store = embedded::EmbeddedStore::open(path)?;
         return Ok(Arc::new(store));
     }
-    if url.starts_with("etcd:") || url.starts_with("http://") || url.starts_with("https://") {
-        return Err(StoreError::BadUrl {
-            url: url.into(),
-            reason: "the etcd backend is not built yet (cluster mode); use embedded:PATH".into(),
-        });
-    }
-    Err(StoreError::BadUrl { url: url.into(), reason: "expected embedded:PATH".into() })
+    Err(StoreError::BadUrl { url: url.into(), reason: "expected embedded:PATH or etcd:http://HOST:PORT".into() })
 }
