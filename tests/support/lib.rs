@@ -70,7 +70,7 @@ impl TestCluster {
         let tmp = tempfile::Builder::new().prefix("fj").tempdir_in("/tmp").unwrap();
         let home = Home::new(Some(tmp.path().to_path_buf()));
         let name = format!("e2e{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
-        let opts = UpOptions { name, nodes: 1, store: "embedded".into(), bin_dir: bin_dir() };
+        let opts = UpOptions { name, nodes: 1, store: "embedded".into(), routing: "native".into(), bin_dir: bin_dir() };
         let state = cluster::up(&home, &opts, &|_| {}).await.expect("cluster up");
         TestCluster { home, state, _tmp: tmp, _lock: lock }
     }

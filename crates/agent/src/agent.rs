@@ -24,6 +24,10 @@ pub struct Agent {
     pub nl: Netlink,
     pub metrics: Metrics,
     pub started: Instant,
+    /// `native` or `vxlan`.
+    pub routing: String,
+    /// The nodes this agent knows (from the store's watch).
+    pub nodes: Arc<crate::cluster::NodeView>,
     /// Serializes ADD/DEL/GC/zombie cleanup on this node.
     cni_lock: tokio::sync::Mutex<()>,
     /// Last address given (round-robin cursor).
@@ -45,7 +49,7 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, CniE
 }
 
 impl Agent {
-    pub fn new(node: String, store: Arc<dyn Store>, pool: Pool, nl: Netlink) -> Arc<Agent> {
+    pub fn new(node: String, store: Arc<dyn Store>, pool: Pool, nl: Netlink, routing: &str) -> Arc<Agent> {
         let metrics = Metrics::new(&node);
         metrics.ipam_capacity.set(pool.capacity() as i64);
         Arc::new(Agent {
@@ -55,14 +59,16 @@ impl Agent {
             nl,
             metrics,
             started: Instant::now(),
+            routing: routing.to_string(),
+            nodes: Arc::new(crate::cluster::NodeView::default()),
             cni_lock: tokio::sync::Mutex::new(()),
             cursor: Mutex::new(None),
             deleting: Mutex::new(HashSet::new()),
         })
     }
 
-    /// Register the node; refuse a PodCIDR change while pods hold addresses.
-    pub async fn register_node(&self, addresses: Vec<Ipv4Addr>) -> anyhow::Result<()> {
+    /// Refuse a PodCIDR change while pods hold addresses from the old one.
+    pub async fn check_pod_cidr(&self) -> anyhow::Result<()> {
         let key = keys::node(&self.node);
         if let Some(kv) = self.store.get(&key).await? {
             let prev: NodeRecord = serde_json::from_slice(&kv.value)?;
@@ -79,8 +85,6 @@ impl Agent {
                 }
             }
         }
-        let rec = NodeRecord { name: self.node.clone(), pod_cidr: self.pool.cidr(), addresses };
-        self.store.put(&key, serde_json::to_vec(&rec)?, None).await?;
         Ok(())
     }
 
@@ -364,6 +368,10 @@ impl Agent {
             attachments,
             zombies_cleaned: self.metrics.zombies_cleaned.get(),
             netns: netns_label,
+            routing: self.routing.clone(),
+            nodes: self.nodes.nodes.lock().unwrap().values().cloned().collect(),
+            last_route_sync_ms_ago: self.nodes.last_sync.lock().unwrap().map(|(t, _)| t.elapsed().as_millis() as u64),
+            last_route_error: self.nodes.last_error.lock().unwrap().clone(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! fjord-agent: the node daemon.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use fjord_agent::cluster::{self, Routing};
 use fjord_agent::{agent, ipam, server};
 use fjord_net::{netns, Netlink};
 use std::path::PathBuf;
@@ -22,13 +23,47 @@ struct Args {
     /// Name of this node.
     #[arg(long, env = "FJORD_NODE")]
     node: String,
-    /// Where cluster state lives: `embedded:PATH` (a local database file; the single-node default).
+    /// Where cluster state lives: `embedded:PATH` (a local database file; the single-node
+    /// default) or `etcd:http://HOST:PORT[,…]` (cluster mode; every agent shares it).
     #[arg(long, env = "FJORD_STORE", default_value = "embedded:/var/lib/fjord/store.redb")]
     store: String,
     /// This node's PodCIDR, e.g. 10.244.1.0/24. Pods get addresses from it; its first
-    /// address is the pods' gateway.
+    /// address is the pods' gateway. Without it the agent claims a free range of
+    /// --cluster-cidr in the store (and keeps it across restarts).
     #[arg(long, env = "FJORD_POD_CIDR")]
-    pod_cidr: ipnet::Ipv4Net,
+    pod_cidr: Option<ipnet::Ipv4Net>,
+    /// The cluster's pod network; node PodCIDRs are allocated from it.
+    #[arg(long, env = "FJORD_CLUSTER_CIDR", default_value = "10.244.0.0/16")]
+    cluster_cidr: ipnet::Ipv4Net,
+    /// Prefix length of each node's PodCIDR.
+    #[arg(long, env = "FJORD_NODE_CIDR_SIZE", default_value_t = 24)]
+    node_cidr_size: u8,
+    /// How pods reach other nodes' pods: native (a route per remote PodCIDR via the node's
+    /// address) or vxlan (an overlay for underlays that do not route pod addresses).
+    #[arg(long, env = "FJORD_ROUTING", value_enum, default_value = "native")]
+    routing: Routing,
+    /// This node's underlay address (default: the first IPv4 address of a non-loopback interface).
+    #[arg(long, env = "FJORD_NODE_ADDRESS")]
+    node_address: Option<std::net::Ipv4Addr>,
+    /// TTL of the node's registration lease: a node whose agent stops renewing it leaves
+    /// every other node's routing after this long.
+    #[arg(long, env = "FJORD_NODE_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    node_lease_ttl: Duration,
+    /// etcd: CA certificate (PEM) to verify the servers.
+    #[arg(long, env = "FJORD_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// etcd: client certificate (PEM), with --etcd-key.
+    #[arg(long, env = "FJORD_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// etcd: client key (PEM).
+    #[arg(long, env = "FJORD_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// etcd: user name, with --etcd-password.
+    #[arg(long, env = "FJORD_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// etcd: password.
+    #[arg(long, env = "FJORD_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
     /// Unix socket of the agent's API (used by fjord-cni and fjordctl).
     #[arg(long, env = "FJORD_API_SOCKET", default_value = fjord_model::cni::DEFAULT_AGENT_SOCKET)]
     api_socket: PathBuf,
@@ -84,30 +119,88 @@ async fn run(args: Args) -> Result<()> {
              namespace (as `fjordctl cluster up` does), or pass --allow-host-network on a real node"
         );
     }
-    let pool = ipam::Pool::new(args.pod_cidr).context("--pod-cidr")?;
     if args.api_socket.exists() {
         if tokio::net::UnixStream::connect(&args.api_socket).await.is_ok() {
             bail!("another agent is already serving on {} (stop it first)", args.api_socket.display());
         }
         std::fs::remove_file(&args.api_socket).with_context(|| format!("removing stale socket {}", args.api_socket.display()))?;
     }
-    let store = fjord_store::open(&args.store).await.with_context(|| format!("opening store --store {}", args.store))?;
+    let etcd_opts = fjord_store::etcd::EtcdOptions {
+        endpoints: vec![],
+        ca_file: args.etcd_ca.clone(),
+        cert_file: args.etcd_cert.clone(),
+        key_file: args.etcd_key.clone(),
+        username: args.etcd_user.clone(),
+        password: args.etcd_password.clone(),
+        timeout: None,
+    };
+    // The store may not be up yet (etcd starting, network): retry with backoff, not crash.
+    let mut backoff = Duration::from_millis(200);
+    let store = loop {
+        match fjord_store::open_with(&args.store, &etcd_opts).await {
+            Ok(s) => break s,
+            Err(e @ (fjord_store::StoreError::BadUrl { .. } | fjord_store::StoreError::Locked { .. } | fjord_store::StoreError::Io { .. })) => {
+                return Err(e).with_context(|| format!("opening store --store {}", args.store));
+            }
+            Err(e) if e.to_string().to_lowercase().contains("auth") => {
+                return Err(e).with_context(|| format!("opening store --store {} (check --etcd-user/--etcd-password)", args.store));
+            }
+            Err(e) => {
+                warn!(store = %args.store, error = %e, retry_in_ms = backoff.as_millis() as u64, "store not reachable yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let pod_cidr = match args.pod_cidr {
+        Some(c) => c,
+        None => cluster::allocate_pod_cidr(store.as_ref(), &args.node, args.cluster_cidr, args.node_cidr_size).await?,
+    };
+    let pool = ipam::Pool::new(pod_cidr).context("PodCIDR")?;
     // The node forwards between its pods and the underlay.
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling net.ipv4.ip_forward in the node's namespace")?;
     let nl = Netlink::new().context("opening a netlink socket")?;
     let mut addresses = Vec::new();
+    let mut underlay_dev = String::new();
     for l in nl.links().await? {
-        if l.name != "lo" && !l.name.starts_with("fj") {
-            addresses.extend(nl.addrs(&l.name).await?.into_iter().map(|(ip, _)| ip));
+        if l.name == "lo" || l.name.starts_with("fj") || l.name == cluster::VXLAN_DEV {
+            continue;
+        }
+        for (ip, _) in nl.addrs(&l.name).await? {
+            if args.node_address.is_none_or(|a| a == ip) {
+                if underlay_dev.is_empty() {
+                    underlay_dev = l.name.clone();
+                    addresses.insert(0, ip);
+                } else {
+                    addresses.push(ip);
+                }
+            }
         }
     }
-    let agent = agent::Agent::new(args.node.clone(), store, pool, nl);
-    agent.register_node(addresses.clone()).await?;
+    if let Some(a) = args.node_address {
+        if addresses.first() != Some(&a) {
+            bail!("--node-address {a} is not an address of any interface in the agent's namespace");
+        }
+    }
+    let agent = agent::Agent::new(args.node.clone(), store.clone(), pool, nl.clone(), &format!("{:?}", args.routing).to_lowercase());
+    agent.check_pod_cidr().await?;
+    let mut record = fjord_model::api::NodeRecord {
+        name: args.node.clone(),
+        pod_cidr,
+        addresses: addresses.clone(),
+        routing: format!("{:?}", args.routing).to_lowercase(),
+        vtep_mac: None,
+        capabilities: vec!["cni".into()],
+    };
+    record.vtep_mac = cluster::RouteSync::prepare(&nl, args.routing, &record, &underlay_dev).await.context("setting up the overlay")?;
+    tokio::spawn(cluster::keep_registered(store.clone(), record.clone(), args.node_lease_ttl));
+    let sync = cluster::RouteSync { me: record, routing: args.routing, underlay_dev: underlay_dev.clone(), nl: nl.clone(), view: agent.nodes.clone() };
+    tokio::spawn(sync.run(store.clone()));
     // Reconcile what happened while the agent was down.
     let cleaned = agent.sweep_zombies("agent start").await.map_err(|e| anyhow::anyhow!("initial sweep: {e}"))?;
     let atts = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let ipam = agent.ipam_status().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    info!(node = %args.node, pod_cidr = %args.pod_cidr, gateway = %pool_gateway(&agent), addresses = ?addresses,
+    info!(node = %args.node, pod_cidr = %pod_cidr, routing = ?args.routing, gateway = %pool_gateway(&agent), addresses = ?addresses,
           attachments = atts.len(), allocated = ipam.allocated, zombies_cleaned = cleaned.len(), store = %args.store, "agent starting");
     tokio::spawn(agent::run_zombie_reaper(agent.clone(), args.zombie_sweep_interval));
 

@@ -8,7 +8,7 @@
 //!     └── veth ── fjord-NAME.ext    eth0 172.18.255.1 (external client / "the internet")
 //! ```
 
-use crate::context::{ClusterState, Home, NodeState};
+use crate::context::{ClusterState, EtcdState, Home, NodeState};
 use anyhow::{bail, Context, Result};
 use fjord_api::AgentClient;
 use fjord_net::{netns, Netlink};
@@ -18,11 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const UNDERLAY_CIDR: &str = "172.18.0.0/16";
 pub const EXT_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 18, 255, 1);
+pub const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 254);
 
 pub struct UpOptions {
     pub name: String,
     pub nodes: u32,
     pub store: String,
+    /// `native` or `vxlan` (etcd store only).
+    pub routing: String,
     pub bin_dir: PathBuf,
 }
 
@@ -55,13 +58,18 @@ pub async fn up(home: &Home, o: &UpOptions, progress: &dyn Fn(&str)) -> Result<C
     match o.store.as_str() {
         "embedded" if o.nodes > 1 => bail!(
             "--nodes {} needs --store etcd: the embedded store is a single-node store (every agent would keep its own \
-             state, so nodes could not learn each other's PodCIDRs and pods). Multi-node clusters arrive with the \
-             etcd backend (cluster mode); until then use --nodes 1.",
+             state, so nodes could not learn each other's PodCIDRs and pods)",
             o.nodes
         ),
-        "embedded" => {}
-        "etcd" => bail!("--store etcd is not available yet: the etcd backend arrives with cluster mode; use --store embedded"),
-        other => bail!("--store {other:?} is unknown: use embedded"),
+        "embedded" if o.routing != "native" => bail!("--routing {} needs --store etcd (a single node routes nothing to other nodes)", o.routing),
+        "embedded" | "etcd" => {}
+        other => bail!("--store {other:?} is unknown: use embedded or etcd"),
+    }
+    if !matches!(o.routing.as_str(), "native" | "vxlan") {
+        bail!("--routing {:?} is unknown: use native or vxlan", o.routing);
+    }
+    if o.nodes > 200 {
+        bail!("--nodes {} is more than the dev cluster's limit of 200", o.nodes);
     }
     let dir = home.cluster_dir(&o.name);
     if dir.join("cluster.json").exists() {
@@ -96,6 +104,8 @@ pub async fn up(home: &Home, o: &UpOptions, progress: &dyn Fn(&str)) -> Result<C
         ext_netns: format!("{prefix}ext"),
         ext_address: EXT_ADDRESS,
         nodes: vec![],
+        etcd: None,
+        routing: o.routing.clone(),
     };
     // Save first, so that `cluster down` can clean up whatever a failure leaves.
     home.save_cluster(&state)?;
@@ -128,6 +138,19 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
     attach_to_underlay(&underlay, &ext, "ext", state.ext_address, prefix_len).await?;
     progress(&format!("created namespace {} (external client) at {}", state.ext_netns, state.ext_address));
     home.save_cluster(state)?;
+    if o.store == "etcd" {
+        let etcd = start_etcd(home, state, &underlay, prefix_len).await?;
+        progress(&format!("started etcd (pid {}) in namespace {} at {}", etcd.pid.unwrap_or(0), etcd.netns, etcd.endpoint));
+        state.etcd = Some(etcd);
+        home.save_cluster(state)?;
+    }
+    let etcd_endpoint = state.etcd.as_ref().map(|e| e.endpoint.clone());
+    let store_url = |dir: &Path| -> String {
+        match &etcd_endpoint {
+            Some(e) => format!("etcd:{e}"),
+            None => format!("embedded:{}", dir.join("store.redb").display()),
+        }
+    };
     for i in 1..=o.nodes {
         let name = format!("node{i}");
         let ns_name = format!("{}{name}", ClusterState::netns_prefix(&state.name));
@@ -143,12 +166,14 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
             address,
             pod_cidr: format!("10.244.{i}.0/24").parse().unwrap(),
             api_socket: dir.join("agent.sock"),
-            store: format!("embedded:{}", dir.join("store.redb").display()),
+            store: store_url(&dir),
             cni_bin_dir: dir.join("cni/bin"),
             cni_conf_dir: dir.join("cni/net.d"),
             dir,
             agent_pid: None,
             underlay_veth: veth,
+            routing: o.routing.clone(),
+            allocate_pod_cidr: o.store == "etcd",
         };
         install_cni(&o.bin_dir, &node)?;
         state.nodes.push(node.clone());
@@ -158,6 +183,12 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
         *state.nodes.last_mut().unwrap() = node.clone();
         home.save_cluster(state)?;
         wait_for_agent(&node, pid).await?;
+        if node.allocate_pod_cidr {
+            let st = AgentClient::new(&node.api_socket).status().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            node.pod_cidr = st.ipam.pod_cidr;
+            *state.nodes.last_mut().unwrap() = node.clone();
+            home.save_cluster(state)?;
+        }
         progress(&format!(
             "created node {name}: namespace {ns_name}, address {address}, PodCIDR {}, agent pid {pid}, API {}",
             node.pod_cidr,
@@ -166,6 +197,49 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
         progress(&format!("  CNI plugin {}/fjord-cni, conflist {}/10-fjord.conflist", node.cni_bin_dir.display(), node.cni_conf_dir.display()));
     }
     Ok(())
+}
+
+/// etcd (Debian's etcd-server) in its own namespace on the underlay.
+async fn start_etcd(home: &Home, state: &ClusterState, underlay: &Path, prefix_len: u8) -> Result<EtcdState> {
+    use std::os::unix::process::CommandExt;
+    let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"].into_iter().map(PathBuf::from).find(|p| p.exists())
+        .context("etcd not found: install Debian's etcd-server (./fjord.sh does)")?;
+    let ns_name = format!("{}etcd", ClusterState::netns_prefix(&state.name));
+    let ns = netns::create(&ns_name)?;
+    attach_to_underlay(underlay, &ns, "etcd", ETCD_ADDRESS, prefix_len).await?;
+    let dir = home.cluster_dir(&state.name).join("etcd");
+    std::fs::create_dir_all(&dir)?;
+    let endpoint = format!("http://{ETCD_ADDRESS}:2379");
+    let peer = format!("http://{ETCD_ADDRESS}:2380");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log"))?;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["--name", "fjord", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("fjord={peer}")])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    netns::command_in(&mut cmd, &ns)?;
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let pid = cmd.spawn().context("starting etcd")?.id();
+    let etcd = EtcdState { netns: ns_name, address: ETCD_ADDRESS, endpoint, data_dir: dir.clone(), pid: Some(pid) };
+    let t0 = Instant::now();
+    let addr = std::net::SocketAddr::new(ETCD_ADDRESS.into(), 2379);
+    loop {
+        let up = netns::run_in(&ns, move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
+        if up {
+            return Ok(etcd);
+        }
+        if !pid_alive(pid) || t0.elapsed() > Duration::from_secs(30) {
+            bail!("etcd did not start; see {}", dir.join("etcd.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A veth from the underlay bridge into `ns`, named eth0 there, with `addr`.
@@ -218,12 +292,15 @@ pub fn start_agent(bin_dir: &Path, node: &NodeState) -> Result<u32> {
     let log_path = node.dir.join("agent.log");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(bin_dir.join("fjord-agent"));
-    cmd.arg("--node")
-        .arg(&node.name)
-        .arg("--store")
-        .arg(&node.store)
-        .arg("--pod-cidr")
-        .arg(node.pod_cidr.to_string())
+    cmd.arg("--node").arg(&node.name).arg("--store").arg(&node.store);
+    if !node.allocate_pod_cidr {
+        cmd.arg("--pod-cidr").arg(node.pod_cidr.to_string());
+    }
+    if !node.routing.is_empty() {
+        cmd.arg("--routing").arg(&node.routing);
+    }
+    // Short leases in the dev cluster, so a dead node leaves quickly.
+    cmd.arg("--node-lease-ttl").arg("5s")
         .arg("--api-socket")
         .arg(&node.api_socket)
         .stdin(std::process::Stdio::null())
@@ -269,20 +346,33 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// Is `pid` the agent of `node` (and not some other process that reused the pid)?
-fn is_our_agent(pid: u32, node: &NodeState) -> bool {
+fn is_ours(pid: u32, program: &str, marker: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let args: Vec<String> = c.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
-            args.first().is_some_and(|a| a.ends_with("fjord-agent")) && args.iter().any(|a| *a == node.api_socket.display().to_string())
+            args.first().is_some_and(|a| a.ends_with(program)) && args.iter().any(|a| a.contains(marker))
         })
         .unwrap_or(false)
 }
 
 pub fn stop_agent(node: &NodeState, signal: nix::sys::signal::Signal) -> Result<bool> {
     let Some(pid) = node.agent_pid else { return Ok(false) };
-    if !is_our_agent(pid, node) {
+    if !is_ours(pid, "fjord-agent", &node.api_socket.display().to_string()) {
         return Ok(false);
     }
+    stop_pid(pid, &node.name, signal)
+}
+
+/// Stop the cluster's etcd (e.g. for fault tests); `cluster down` also does this.
+pub fn stop_etcd(etcd: &EtcdState, signal: nix::sys::signal::Signal) -> Result<bool> {
+    let Some(pid) = etcd.pid else { return Ok(false) };
+    if !is_ours(pid, "etcd", &etcd.data_dir.display().to_string()) {
+        return Ok(false);
+    }
+    stop_pid(pid, "etcd", signal)
+}
+
+fn stop_pid(pid: u32, what: &str, signal: nix::sys::signal::Signal) -> Result<bool> {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
     let t0 = Instant::now();
     while pid_alive(pid) {
@@ -290,7 +380,7 @@ pub fn stop_agent(node: &NodeState, signal: nix::sys::signal::Signal) -> Result<
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
         if t0.elapsed() > Duration::from_secs(10) {
-            bail!("agent pid {pid} of {} does not exit", node.name);
+            bail!("pid {pid} ({what}) does not exit");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -311,6 +401,11 @@ pub async fn down(home: &Home, name: &str, progress: &dyn Fn(&str)) -> Result<()
         for n in &s.nodes {
             if stop_agent(n, nix::sys::signal::Signal::SIGTERM)? {
                 progress(&format!("stopped agent of {} (pid {})", n.name, n.agent_pid.unwrap_or(0)));
+            }
+        }
+        if let Some(e) = &s.etcd {
+            if stop_etcd(e, nix::sys::signal::Signal::SIGTERM)? {
+                progress(&format!("stopped etcd (pid {})", e.pid.unwrap_or(0)));
             }
         }
     }

@@ -29,6 +29,22 @@ pub struct NodeState {
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
     pub underlay_veth: String,
+    /// `native` or `vxlan` (cluster mode).
+    #[serde(default)]
+    pub routing: String,
+    /// The agent claims its PodCIDR from the store (cluster mode) instead of `--pod-cidr`.
+    #[serde(default)]
+    pub allocate_pod_cidr: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdState {
+    pub netns: String,
+    pub address: Ipv4Addr,
+    pub endpoint: String,
+    pub data_dir: PathBuf,
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +58,10 @@ pub struct ClusterState {
     pub ext_netns: String,
     pub ext_address: Ipv4Addr,
     pub nodes: Vec<NodeState>,
+    #[serde(default)]
+    pub etcd: Option<EtcdState>,
+    #[serde(default)]
+    pub routing: String,
 }
 
 impl ClusterState {

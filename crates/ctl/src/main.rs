@@ -33,6 +33,33 @@ enum Cmd {
     Pod(PodCmd),
     /// Health of every node's agent, store and IPAM (`--verbose` for details).
     Status(StatusArgs),
+    /// Show objects: `fjordctl get nodes`.
+    #[command(subcommand)]
+    Get(GetCmd),
+    /// Check that this machine can run fjord: kernel, eBPF features (probed by loading),
+    /// BTF, bpffs, cgroup v2, JIT, virtualization, sysctls, memory for maps, etcd fsync.
+    Preflight(fjord_nodetools::PreflightArgs),
+    /// Benchmarks of the node.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Kernel network tuning scaled to this machine's memory (dry run unless --apply).
+    Tune(fjord_nodetools::TuneArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// etcd's write pattern (fio --rw=write --ioengine=sync --fdatasync=1 --size=22m --bs=2300):
+    /// fdatasync latency percentiles and a verdict against etcd's guidance.
+    Fsync(fjord_nodetools::BenchFsyncArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum GetCmd {
+    /// Nodes with addresses, PodCIDR, routing and health.
+    Nodes {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -46,9 +73,13 @@ enum ClusterCmd {
         /// Number of nodes. More than one needs the etcd store (cluster mode).
         #[arg(long, default_value_t = 1)]
         nodes: u32,
-        /// Cluster state store: embedded (single node).
+        /// Cluster state store: embedded (single node) or etcd (a real etcd in its own
+        /// namespace; needed for more than one node).
         #[arg(long, default_value = "embedded")]
         store: String,
+        /// Pod routing between nodes (etcd store): native or vxlan.
+        #[arg(long, default_value = "native")]
+        routing: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -151,19 +182,26 @@ async fn run(cli: Cli) -> Result<i32> {
             let cl = home.resolve(cli.cluster.as_deref())?;
             status(&cl, &a).await
         }
+        Cmd::Get(GetCmd::Nodes { output }) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            get_nodes(&cl, output).await
+        }
+        Cmd::Preflight(a) => fjord_nodetools::run_preflight(&a),
+        Cmd::Bench(BenchCmd::Fsync(a)) => fjord_nodetools::run_bench_fsync(&a),
+        Cmd::Tune(a) => fjord_nodetools::run_tune(&a),
     }
 }
 
 async fn cluster_cmd(home: &Home, explicit: Option<&str>, c: ClusterCmd) -> Result<i32> {
     match c {
-        ClusterCmd::Up { name, nodes, store, output } => {
+        ClusterCmd::Up { name, nodes, store, routing, output } => {
             let quiet = output != Output::Text;
             let progress = |m: &str| {
                 if !quiet {
                     println!("{m}")
                 }
             };
-            let opts = cluster::UpOptions { name: name.clone(), nodes, store, bin_dir: cluster::bin_dir() };
+            let opts = cluster::UpOptions { name: name.clone(), nodes, store, routing, bin_dir: cluster::bin_dir() };
             let st = cluster::up(home, &opts, &progress).await?;
             if !emit(output, &st)? {
                 println!("cluster {name} is up; it is now the current cluster. Next: `fjordctl pod add default/web`, `fjordctl status`.");
@@ -299,6 +337,64 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
     }
     if !healthy {
         bail!("some agents are unreachable");
+    }
+    Ok(0)
+}
+
+async fn get_nodes(cl: &fjordctl::context::ClusterState, output: Output) -> Result<i32> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Row {
+        name: String,
+        addresses: Vec<std::net::Ipv4Addr>,
+        pod_cidr: String,
+        routing: String,
+        health: String,
+    }
+    // Every agent knows every registered node (from the store); the first reachable one answers.
+    let mut known: Option<Vec<fjord_model::api::NodeRecord>> = None;
+    let mut health = std::collections::BTreeMap::new();
+    for n in &cl.nodes {
+        match AgentClient::new(&n.api_socket).with_timeout(std::time::Duration::from_secs(5)).status().await {
+            Ok(s) => {
+                health.insert(n.name.clone(), "Ready".to_string());
+                if known.is_none() {
+                    known = Some(s.nodes);
+                }
+            }
+            Err(e) => {
+                health.insert(n.name.clone(), format!("NotReady (agent: {e})"));
+            }
+        }
+    }
+    let records = known.unwrap_or_default();
+    let mut rows: Vec<Row> = records
+        .iter()
+        .map(|r| Row {
+            name: r.name.clone(),
+            addresses: r.addresses.clone(),
+            pod_cidr: r.pod_cidr.to_string(),
+            routing: r.routing.clone(),
+            health: health.get(&r.name).cloned().unwrap_or_else(|| "Registered (no local agent)".into()),
+        })
+        .collect();
+    for n in &cl.nodes {
+        if !records.iter().any(|r| r.name == n.name) {
+            rows.push(Row {
+                name: n.name.clone(),
+                addresses: vec![n.address],
+                pod_cidr: n.pod_cidr.to_string(),
+                routing: n.routing.clone(),
+                health: format!("NotRegistered; {}", health.get(&n.name).cloned().unwrap_or_default()),
+            });
+        }
+    }
+    if emit(output, &rows)? {
+        return Ok(0);
+    }
+    println!("{:<10} {:<16} {:<16} {:<8} HEALTH", "NAME", "ADDRESS", "PODCIDR", "ROUTING");
+    for r in rows {
+        println!("{:<10} {:<16} {:<16} {:<8} {}", r.name, r.addresses.first().map_or("-".into(), |a| a.to_string()), r.pod_cidr, if r.routing.is_empty() { "-" } else { &r.routing }, r.health);
     }
     Ok(0)
 }

@@ -185,7 +185,8 @@ pub async fn list(cluster: &ClusterState) -> Result<Vec<PodInfo>> {
         let c = AgentClient::new(&n.api_socket);
         let pods = c.pods().await.map_err(|e| anyhow::anyhow!("node {}: {e}", n.name))?;
         let atts = c.attachments().await.map_err(|e| anyhow::anyhow!("node {}: {e}", n.name))?;
-        for p in pods {
+        // With a shared store (etcd) every agent sees every pod: take each node's own.
+        for p in pods.into_iter().filter(|p| p.node == n.name) {
             let cid = p.container_id.clone().unwrap_or_default();
             let att = atts.iter().find(|a| a.container_id == cid);
             let status = match (&att, p.phase.as_str()) {

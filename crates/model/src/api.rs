@@ -174,8 +174,18 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 pub struct NodeRecord {
     pub name: String,
     pub pod_cidr: Ipv4Net,
+    /// Underlay addresses; the first is the one other nodes route and tunnel to.
     #[serde(default)]
     pub addresses: Vec<Ipv4Addr>,
+    /// `native` or `vxlan`.
+    #[serde(default)]
+    pub routing: String,
+    /// MAC of the node's VXLAN device (VXLAN mode).
+    #[serde(default)]
+    pub vtep_mac: Option<String>,
+    /// API/health port capabilities etc.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +218,15 @@ pub struct AgentStatus {
     pub attachments: u32,
     pub zombies_cleaned: u64,
     pub netns: String,
+    #[serde(default)]
+    pub routing: String,
+    /// Nodes this agent knows (itself included) and routes to.
+    #[serde(default)]
+    pub nodes: Vec<NodeRecord>,
+    #[serde(default)]
+    pub last_route_sync_ms_ago: Option<u64>,
+    #[serde(default)]
+    pub last_route_error: Option<String>,
 }
 
 #[cfg(test)]

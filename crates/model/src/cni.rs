@@ -67,7 +67,7 @@ impl CniError {
 }
 
 /// One `{containerID, ifname}` pair from `cni.dev/valid-attachments` (GC).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachmentRef {
     #[serde(rename = "containerID")]

@@ -2,7 +2,8 @@
 //!
 //! | key | value | written by |
 //! |---|---|---|
-//! | `/fjord/v1/nodes/<node>` | [`NodeRecord`](crate::api::NodeRecord) | the node's agent |
+//! | `/fjord/v1/nodes/<node>` | [`NodeRecord`](crate::api::NodeRecord), under the node's lease | the node's agent |
+//! | `/fjord/v1/podcidrs/<a.b.c.d-len>` | owning node name | the PodCIDR allocator (a transaction in the claiming agent) |
 //! | `/fjord/v1/ipam/<node>/<ip>` | owner `"<containerID>/<ifname>"` | the node's agent (CNI ADD/DEL) |
 //! | `/fjord/v1/attachments/<node>/<containerID>/<ifname>` | [`Attachment`](crate::api::Attachment) | the node's agent |
 //! | `/fjord/v1/pods/<namespace>/<name>` | [`Pod`](crate::api::Pod) | `fjordctl pod` (stands in for the API server) |
@@ -13,6 +14,19 @@ pub const PREFIX: &str = "/fjord/v1/";
 
 pub fn node(node: &str) -> String {
     format!("{PREFIX}nodes/{node}")
+}
+pub fn nodes_prefix() -> String {
+    format!("{PREFIX}nodes/")
+}
+pub fn podcidr_prefix() -> String {
+    format!("{PREFIX}podcidrs/")
+}
+pub fn podcidr(cidr: ipnet::Ipv4Net) -> String {
+    format!("{PREFIX}podcidrs/{}-{}", cidr.network(), cidr.prefix_len())
+}
+pub fn cidr_of_podcidr_key(key: &str) -> Option<ipnet::Ipv4Net> {
+    let (ip, len) = key.rsplit('/').next()?.split_once('-')?;
+    ipnet::Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()
 }
 pub fn ipam_prefix(node: &str) -> String {
     format!("{PREFIX}ipam/{node}/")
@@ -46,5 +60,13 @@ mod tests {
         assert_eq!(k, "/fjord/v1/ipam/n1/10.244.1.7");
         assert!(k.starts_with(&super::ipam_prefix("n1")));
         assert_eq!(super::ip_of_ipam_key(&k), Some("10.244.1.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn podcidr_key_roundtrip() {
+        let c: ipnet::Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(super::podcidr(c), "/fjord/v1/podcidrs/10.244.3.0-24");
+        assert_eq!(super::cidr_of_podcidr_key(&super::podcidr(c)), Some(c));
+        assert_eq!(super::cidr_of_podcidr_key("/fjord/v1/podcidrs/garbage"), None);
     }
 }

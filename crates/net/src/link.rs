@@ -5,9 +5,13 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+
+/// Route protocol number that marks routes fjord owns (like `proto bird`), so the
+/// agent can find and remove exactly its own routes.
+pub const FJORD_ROUTE_PROTOCOL: u8 = 0x66;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
@@ -73,6 +77,8 @@ pub struct RouteInfo {
     pub gateway: Option<Ipv4Addr>,
     pub oif: Option<u32>,
     pub scope_link: bool,
+    /// Installed by fjord (protocol [`FJORD_ROUTE_PROTOCOL`]).
+    pub fjord: bool,
 }
 
 /// A netlink connection bound to the namespace of the thread that made it.
@@ -228,6 +234,86 @@ impl Netlink {
             .map_err(ctx(format!("add route {dst}{}{}", gateway.map(|g| format!(" via {g}")).unwrap_or_default(), oif.map(|o| format!(" dev {o}")).unwrap_or_default())))
     }
 
+    /// Add (or replace) a fjord-owned route to `dst` via `gateway`, optionally
+    /// out of `oif` with `onlink` (the gateway is reachable on the link without a
+    /// route of its own, as with VXLAN).
+    pub async fn replace_fjord_route(&self, dst: Ipv4Net, gateway: Ipv4Addr, oif: Option<&str>, onlink: bool) -> Result<()> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .gateway(gateway)
+            .protocol(RouteProtocol::Other(FJORD_ROUTE_PROTOCOL));
+        if let Some(name) = oif {
+            b = b.output_interface(self.require(name).await?.index);
+        }
+        if onlink {
+            b = b.onlink();
+        }
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(ctx(format!("add route {dst} via {gateway}{}", oif.map(|o| format!(" dev {o}")).unwrap_or_default())))
+    }
+
+    /// A VXLAN device (VNI `vni`, UDP `port`, source `local`, over `dev`), no learning:
+    /// the agent manages its FDB and neighbour entries.
+    pub async fn add_vxlan(&self, name: &str, vni: u32, local: Ipv4Addr, dev: &str, port: u16, mtu: u32) -> Result<()> {
+        let underlay = self.require(dev).await?;
+        let m = LinkVxlan::new(name, vni).dev(underlay.index).local(local).port(port).learning(false).mtu(mtu).build();
+        self.handle.link().add(m).execute().await.map_err(ctx(format!("create vxlan {name} (vni {vni}, local {local}, dev {dev})")))
+    }
+
+    /// Permanent neighbour entry `ip lladdr mac dev link`.
+    pub async fn replace_neighbour(&self, link: &str, ip: Ipv4Addr, mac: &[u8]) -> Result<()> {
+        let li = self.require(link).await?;
+        self.handle
+            .neighbours()
+            .add(li.index, IpAddr::V4(ip))
+            .link_layer_address(mac)
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(ctx(format!("add neighbour {ip} on {link}")))
+    }
+
+    /// FDB entry on a VXLAN device: frames for `mac` go to the VTEP at `dst`.
+    pub async fn replace_fdb(&self, link: &str, mac: &[u8], dst: Ipv4Addr) -> Result<()> {
+        let li = self.require(link).await?;
+        self.handle
+            .neighbours()
+            .add_bridge(li.index, mac)
+            .destination(IpAddr::V4(dst))
+            // NTF_SELF: the entry belongs to the vxlan device itself (`bridge fdb … self`).
+            .flags(netlink_packet_route::neighbour::NeighbourFlags::Own)
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(ctx(format!("add fdb entry on {link} to {dst}")))
+    }
+
+    /// Delete a route exactly as listed (destination, gateway, interface).
+    pub async fn delete_route_info(&self, r: &RouteInfo) -> Result<()> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(r.dst.addr(), r.dst.prefix_len());
+        if let Some(g) = r.gateway {
+            b = b.gateway(g);
+        }
+        if let Some(o) = r.oif {
+            b = b.output_interface(o);
+        }
+        if r.fjord {
+            b = b.protocol(RouteProtocol::Other(FJORD_ROUTE_PROTOCOL));
+        }
+        match self.handle.route().del(b.build()).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if matches!(e.code.map(|c| -c.get()), Some(libc::ESRCH) | Some(libc::ENOENT)) => Ok(()),
+            Err(e) => Err(ctx(format!("delete route {}", r.dst))(e)),
+        }
+    }
+
     /// Delete an IPv4 route by destination; missing is fine.
     pub async fn delete_route(&self, dst: Ipv4Net) -> Result<()> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.addr(), dst.prefix_len()).build();
@@ -271,5 +357,6 @@ fn route_info(m: &RouteMessage) -> Option<RouteInfo> {
         gateway,
         oif,
         scope_link: m.header.scope == RouteScope::Link,
+        fjord: m.header.protocol == RouteProtocol::Other(FJORD_ROUTE_PROTOCOL),
     })
 }
