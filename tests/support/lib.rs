@@ -66,17 +66,30 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn up() -> TestCluster {
+        Self::up_with(1, "embedded", "native").await
+    }
+
+    /// A cluster of `nodes` nodes on `store` (embedded|etcd) with `routing` (native|vxlan).
+    pub async fn up_with(nodes: u32, store: &str, routing: &str) -> TestCluster {
         let lock = kernel_lock();
         let tmp = tempfile::Builder::new().prefix("fj").tempdir_in("/tmp").unwrap();
         let home = Home::new(Some(tmp.path().to_path_buf()));
         let name = format!("e2e{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
-        let opts = UpOptions { name, nodes: 1, store: "embedded".into(), routing: "native".into(), bin_dir: bin_dir() };
+        let opts = UpOptions { name, nodes, store: store.into(), routing: routing.into(), bin_dir: bin_dir() };
         let state = cluster::up(&home, &opts, &|_| {}).await.expect("cluster up");
         TestCluster { home, state, _tmp: tmp, _lock: lock }
     }
 
     pub fn node(&self) -> &fjordctl::context::NodeState {
         &self.state.nodes[0]
+    }
+
+    pub fn node_n(&self, i: usize) -> &fjordctl::context::NodeState {
+        &self.state.nodes[i]
+    }
+
+    pub fn client_n(&self, i: usize) -> AgentClient {
+        AgentClient::new(&self.state.nodes[i].api_socket)
     }
 
     pub fn client(&self) -> AgentClient {

@@ -1,0 +1,249 @@
+//! Cluster mode end to end: a real etcd in the dev cluster, several nodes, native and
+//! VXLAN routing, and faults (etcd down, a node gone for good, racing allocations).
+use fjord_e2e::*;
+use fjord_net::netns;
+use fjordctl::pod;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// TCP, UDP and ICMP from pod `from` to pod `to`.
+fn assert_pods_talk(from: &pod::PodInfo, to: &pod::PodInfo, port: u16) {
+    let (nf, nt) = (pod_netns(from), pod_netns(to));
+    let ip_to = to.ip.unwrap();
+    let l = tcp_listen_in(&nt, &format!("0.0.0.0:{port}"));
+    let srv = echo_server(l, 1);
+    let mut s = tcp_connect_in(&nf, SocketAddr::new(ip_to.into(), port)).unwrap_or_else(|e| panic!("tcp {} -> {}: {e}", from.name, to.name));
+    assert_eq!(roundtrip(&mut s, b"cross-node tcp").unwrap(), b"cross-node tcp");
+    drop(s);
+    srv.join().unwrap();
+    let ut = udp_bind_in(&nt, &format!("0.0.0.0:{port}"));
+    let uf = udp_bind_in(&nf, "0.0.0.0:0");
+    ut.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    uf.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    uf.send_to(b"cross-node udp", SocketAddr::new(ip_to.into(), port)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, peer) = ut.recv_from(&mut buf).unwrap_or_else(|e| panic!("udp {} -> {}: {e}", from.name, to.name));
+    assert_eq!(&buf[..n], b"cross-node udp");
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(from.ip.unwrap()), "pod source address preserved across nodes");
+    ut.send_to(b"back", peer).unwrap();
+    let (n, _) = uf.recv_from(&mut buf).expect("udp reply");
+    assert_eq!(&buf[..n], b"back");
+    let (code, out) = run_in_ns(&nf, &["ping", "-c", "1", "-W", "3", &ip_to.to_string()]);
+    assert_eq!(code, 0, "ping {} -> {}: {out}", from.name, to.name);
+}
+
+async fn wait_routes(c: &TestCluster, node: usize, want: usize) -> Vec<fjord_net::RouteInfo> {
+    let ns = netns::path(&c.node_n(node).netns);
+    eventually(Duration::from_secs(30), || {
+        let ns = ns.clone();
+        async move {
+            let r: Vec<_> = routes_in(&ns).await.into_iter().filter(|r| r.fjord).collect();
+            (r.len() == want).then_some(r)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("node{} never had {want} fjord routes", node + 1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_native_routing_pods_talk_across_nodes() {
+    let c = TestCluster::up_with(3, "etcd", "native").await;
+    // Distinct PodCIDRs, claimed from the cluster CIDR.
+    let cidrs: std::collections::BTreeSet<_> = c.state.nodes.iter().map(|n| n.pod_cidr).collect();
+    assert_eq!(cidrs.len(), 3, "{cidrs:?}");
+    let mut pods = vec![];
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        pods.push(pod::add(&c.state, Some(&format!("node{}", i + 1)), &format!("default/{n}"), BTreeMap::new()).await.unwrap());
+    }
+    for i in 0..3 {
+        assert!(c.node_n(i).pod_cidr.contains(&pods[i].ip.unwrap()));
+        let routes = wait_routes(&c, i, 2).await;
+        for r in &routes {
+            let owner = c.state.nodes.iter().find(|n| n.pod_cidr == r.dst).expect("route to a known PodCIDR");
+            assert_eq!(r.gateway, Some(owner.address), "native route via the node's address");
+        }
+    }
+    assert_pods_talk(&pods[0], &pods[1], 7001);
+    assert_pods_talk(&pods[2], &pods[0], 7002);
+    assert_pods_talk(&pods[1], &pods[2], 7003);
+    // Pod names are unique across the cluster (shared store).
+    let e = pod::add(&c.state, Some("node3"), "default/a", BTreeMap::new()).await.unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(pod::list(&c.state).await.unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vxlan_routing_pods_talk_across_nodes() {
+    let c = TestCluster::up_with(2, "etcd", "vxlan").await;
+    let a = pod::add(&c.state, Some("node1"), "default/a", BTreeMap::new()).await.unwrap();
+    let b = pod::add(&c.state, Some("node2"), "default/b", BTreeMap::new()).await.unwrap();
+    for i in 0..2 {
+        let routes = wait_routes(&c, i, 1).await;
+        let other = &c.state.nodes[1 - i];
+        assert_eq!(routes[0].dst, other.pod_cidr);
+        assert_eq!(routes[0].gateway, Some(other.pod_cidr.network()), "VXLAN route via the remote VTEP address");
+        let links = links_in(&netns::path(&c.node_n(i).netns)).await;
+        assert!(links.contains(&"vxfjord".to_string()), "{links:?}");
+    }
+    // The underlay itself has no route to pod addresses: only the tunnel can carry them.
+    let (_, out) = run_in_ns(&netns::path(&c.state.ext_netns), &["ip", "route", "get", &b.ip.unwrap().to_string()]);
+    assert!(!out.contains("via 172.18"), "{out}");
+    assert_pods_talk(&a, &b, 7101);
+    assert_pods_talk(&b, &a, 7102);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_30s_keeps_forwarding_and_agents_resync_without_flushing() {
+    let mut c = TestCluster::up_with(2, "etcd", "native").await;
+    let a = pod::add(&c.state, Some("node1"), "default/a", BTreeMap::new()).await.unwrap();
+    let b = pod::add(&c.state, Some("node2"), "default/b", BTreeMap::new()).await.unwrap();
+    wait_routes(&c, 0, 1).await;
+    let l = tcp_listen_in(&pod_netns(&b), "0.0.0.0:7200");
+    let srv = echo_server(l, 2);
+    let mut conn = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7200)).unwrap();
+    assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before");
+
+    let etcd = c.state.etcd.clone().unwrap();
+    assert!(fjordctl::cluster::stop_etcd(&etcd, nix::sys::signal::Signal::SIGKILL).unwrap());
+    let t0 = std::time::Instant::now();
+    // During the outage: the established flow and a new connection both work.
+    assert_eq!(roundtrip(&mut conn, b"etcd-down").unwrap(), b"etcd-down");
+    let mut conn2 = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7200)).expect("new connection during the outage");
+    assert_eq!(roundtrip(&mut conn2, b"new-during-outage").unwrap(), b"new-during-outage");
+    // A new pod cannot be added: a clear, retryable error.
+    let e = pod::add(&c.state, Some("node1"), "default/x", BTreeMap::new()).await.unwrap_err().to_string();
+    assert!(!e.is_empty());
+    assert!(!netns::exists(&pod::netns_name(&c.state.name, "default", "x")), "failed add left its namespace");
+    // Stay down for 30 s, checking the datapath keeps its routes.
+    while t0.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(routes_in(&netns::path(&c.node_n(0).netns)).await.iter().filter(|r| r.fjord).count(), 1, "route flushed while etcd was down");
+        assert_eq!(roundtrip(&mut conn, b"still").unwrap(), b"still");
+    }
+    // etcd returns (same data dir): agents reconnect and resync.
+    let pid = restart_etcd(&c);
+    let mut st = c.home.load_cluster(&c.state.name).unwrap();
+    st.etcd.as_mut().unwrap().pid = Some(pid);
+    c.home.save_cluster(&st).unwrap();
+    c.reload();
+    let client = c.client_n(0);
+    let ok = eventually(Duration::from_secs(60), || async {
+        let s = client.status().await.ok()?;
+        (s.store.healthy && s.nodes.len() == 2).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "agent did not reconnect to etcd");
+    let x = eventually(Duration::from_secs(60), || async { pod::add(&c.state, Some("node1"), "default/y", BTreeMap::new()).await.ok() }).await.expect("pod add after etcd returned");
+    assert!(x.ip.is_some());
+    assert_eq!(roundtrip(&mut conn, b"after").unwrap(), b"after");
+    assert_eq!(wait_routes(&c, 0, 1).await.len(), 1);
+    drop((conn, conn2));
+    srv.join().unwrap();
+}
+
+fn restart_etcd(c: &TestCluster) -> u32 {
+    use std::os::unix::process::CommandExt;
+    let e = c.state.etcd.as_ref().unwrap();
+    let log = std::fs::OpenOptions::new().append(true).open(e.data_dir.join("etcd.log")).unwrap();
+    let peer = format!("http://{}:2380", e.address);
+    let mut cmd = std::process::Command::new("/usr/bin/etcd");
+    cmd.args(["--name", "fjord", "--data-dir"])
+        .arg(e.data_dir.join("data"))
+        .args(["--listen-client-urls", &e.endpoint, "--advertise-client-urls", &e.endpoint])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("fjord={peer}")])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    netns::command_in(&mut cmd, &netns::path(&e.netns)).unwrap();
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    cmd.spawn().unwrap().id()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gone_for_good_leaves_every_other_node_after_its_lease() {
+    let c = TestCluster::up_with(3, "etcd", "native").await;
+    for i in 0..3 {
+        wait_routes(&c, i, 2).await;
+    }
+    let dead = c.node_n(2).clone();
+    // kill -9: no goodbye; only the lease (5 s in the dev cluster) removes it.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dead.agent_pid.unwrap() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    for i in 0..2 {
+        let routes = wait_routes(&c, i, 1).await;
+        assert!(routes.iter().all(|r| r.dst != dead.pod_cidr), "route to the dead node left on node{}", i + 1);
+    }
+    let st = c.client_n(0).status().await.unwrap();
+    assert_eq!(st.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["node1", "node2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cni_adds_never_share_an_ip_and_a_corrupt_node_record_is_skipped() {
+    let c = TestCluster::up_with(2, "etcd", "native").await;
+    // 12 pods on node1 at once (each ADD a separate plugin process).
+    let mut tasks = vec![];
+    for i in 0..12 {
+        let st = c.state.clone();
+        tasks.push(tokio::spawn(async move { pod::add(&st, Some("node1"), &format!("race/p{i}"), BTreeMap::new()).await }));
+    }
+    let mut ips = std::collections::BTreeSet::new();
+    for t in tasks {
+        let p = t.await.unwrap().unwrap();
+        assert!(ips.insert(p.ip.unwrap()), "IP {:?} given twice", p.ip);
+    }
+    assert_eq!(ips.len(), 12);
+    // A corrupt value under the prefix: logged and skipped; the good nodes stay routed.
+    let bad_ns = netns::path(&c.state.etcd.as_ref().unwrap().netns);
+    let endpoint = c.state.etcd.as_ref().unwrap().endpoint.clone();
+    let put = netns::run_async_in(&bad_ns, move || async move {
+        let s = fjord_store::etcd::EtcdStore::connect(&fjord_store::etcd::EtcdOptions { endpoints: vec![endpoint], ..Default::default() }).await?;
+        use fjord_store::Store;
+        s.put("/fjord/v1/nodes/garbage", b"{not json".to_vec(), None).await
+    })
+    .await
+    .unwrap();
+    put.unwrap();
+    // A change after it still gets applied: a third pod on node2 is reachable from node1.
+    let a = pod::add(&c.state, Some("node1"), "default/a", BTreeMap::new()).await.unwrap();
+    let b = pod::add(&c.state, Some("node2"), "default/b", BTreeMap::new()).await.unwrap();
+    assert_eq!(wait_routes(&c, 0, 1).await[0].gateway, Some(c.node_n(1).address));
+    assert_pods_talk(&a, &b, 7300);
+    let log = std::fs::read_to_string(c.node_n(0).dir.join("agent.log")).unwrap();
+    assert!(log.contains("skipping corrupt node record"), "corrupt record not reported");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podcidr_allocation_races_never_produce_duplicates() {
+    // Eight agents' allocators racing on one real etcd (inside a namespace of ours).
+    let c = TestCluster::up_with(1, "etcd", "native").await;
+    let e = c.state.etcd.clone().unwrap();
+    let ns = netns::path(&e.netns);
+    let got = netns::run_async_in(&ns, move || async move {
+        let s: std::sync::Arc<dyn fjord_store::Store> = std::sync::Arc::new(
+            fjord_store::etcd::EtcdStore::connect(&fjord_store::etcd::EtcdOptions { endpoints: vec![e.endpoint], ..Default::default() }).await.unwrap(),
+        );
+        let mut tasks = vec![];
+        for i in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                fjord_agent::cluster::allocate_pod_cidr(s.as_ref(), &format!("racer{i}"), "10.244.0.0/16".parse().unwrap(), 24).await.unwrap()
+            }));
+        }
+        let mut out = vec![];
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        // A node that comes back keeps its range.
+        let again = fjord_agent::cluster::allocate_pod_cidr(s.as_ref(), "racer3", "10.244.0.0/16".parse().unwrap(), 24).await.unwrap();
+        (out, again)
+    })
+    .await
+    .unwrap();
+    let (cidrs, again) = got;
+    let set: std::collections::BTreeSet<_> = cidrs.iter().collect();
+    assert_eq!(set.len(), 8, "duplicate PodCIDRs: {cidrs:?}");
+    assert!(!set.contains(&c.node().pod_cidr), "a racer got node1's range");
+    assert_eq!(again, cidrs[3]);
+    let _: Ipv4Addr = again.network();
+}
