@@ -188,7 +188,8 @@ fn cli_output_and_bad_input() {
     let d = scratch();
     // small run, JSON
     let out = run(Command::new(bin()).args(["bench-fsync", "--size", "46000", "-o", "json", "--dir"]).arg(d.path()));
-    assert!(out.status.success(), "{}", stderr(&out));
+    // Exit 1 is the verdict "p99 over etcd's 10 ms minimum": a busy shared disk may earn it.
+    assert!(matches!(out.status.code(), Some(0) | Some(1)), "{}", stderr(&out));
     let r: fjord_nodetools::FsyncBenchResult = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((r.writes, r.block_size, r.fdatasync.count), (20, 2300, 20));
     assert!(r.fdatasync.p50_ns <= r.fdatasync.p99_ns && r.fdatasync.p99_ns <= r.fdatasync.max_ns);
