@@ -302,7 +302,11 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
         v["kubeProxyReplacement"] = serde_json::json!("Disabled (the eBPF service datapath is not wired into the agent yet)");
         nodes.push(v);
     }
-    let out = serde_json::json!({"cluster": cl.name, "store": cl.store, "nodes": nodes});
+    let mut out = serde_json::json!({"cluster": cl.name, "store": cl.store, "routing": cl.routing, "nodes": nodes});
+    let preflight = a.verbose.then(|| fjord_nodetools::preflight_report(&fjord_nodetools::PreflightOptions::default()));
+    if let Some(p) = &preflight {
+        out["preflight"] = serde_json::to_value(p)?;
+    }
     if emit(a.output, &out)? {
         return Ok(if healthy { 0 } else { 1 });
     }
@@ -317,6 +321,11 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
             println!("  Pods attached:      {}", s["attachments"]);
             println!("  Zombies cleaned:    {}", s["zombiesCleaned"]);
             println!("  Uptime:             {} s", s["uptimeSecs"]);
+            if let Some(ns) = s["nodes"].as_array().filter(|n| n.len() > 1) {
+                let last = s["lastRouteSyncMsAgo"].as_u64().map_or("never".to_string(), |ms| format!("{ms} ms ago"));
+                println!("  Routing:            {} to {} other nodes (last sync {last}{})", s["routing"].as_str().unwrap_or("?"), ns.len() - 1,
+                    s["lastRouteError"].as_str().map(|e| format!(", last error: {e}")).unwrap_or_default());
+            }
         }
         println!("  KubeProxyReplacement: {}", v["kubeProxyReplacement"].as_str().unwrap_or("?"));
         if a.verbose {
@@ -333,6 +342,19 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
                     );
                 }
             }
+        }
+    }
+    if let Some(p) = &preflight {
+        println!(
+            "Preflight:            {} ({} pass, {} warn, {} fail, {} skipped; `fjordctl preflight` for fixes)",
+            if p.ok { "OK" } else { "NOT READY" },
+            p.summary.pass,
+            p.summary.warn,
+            p.summary.fail,
+            p.summary.skip
+        );
+        for c in p.checks.iter().filter(|c| !matches!(c.status, fjord_nodetools::Status::Pass)) {
+            println!("  {:?} {}: {}", c.status, c.id, c.reason);
         }
     }
     if !healthy {
