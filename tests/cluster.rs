@@ -67,6 +67,15 @@ async fn three_nodes_native_routing_pods_talk_across_nodes() {
     assert_pods_talk(&pods[0], &pods[1], 7001);
     assert_pods_talk(&pods[2], &pods[0], 7002);
     assert_pods_talk(&pods[1], &pods[2], 7003);
+    // Node health: every agent probes the other two over ICMP and TCP.
+    let client = c.client_n(0);
+    let health = eventually(Duration::from_secs(30), || async {
+        let h = client.status().await.ok()?.health;
+        (h.len() == 2 && h.iter().all(|p| p.icmp_rtt_us.is_some() && p.tcp_rtt_us.is_some())).then_some(h)
+    })
+    .await
+    .expect("node1 never reached both peers");
+    assert_eq!(health.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), vec!["node2", "node3"]);
     // Pod names are unique across the cluster (shared store).
     let e = pod::add(&c.state, Some("node3"), "default/a", BTreeMap::new()).await.unwrap_err().to_string();
     assert!(e.contains("already exists"), "{e}");

@@ -28,6 +28,8 @@ pub struct Agent {
     pub routing: String,
     /// The nodes this agent knows (from the store's watch).
     pub nodes: Arc<crate::cluster::NodeView>,
+    /// Probes to the other nodes.
+    pub health: Arc<crate::health::HealthView>,
     /// Serializes ADD/DEL/GC/zombie cleanup on this node.
     cni_lock: tokio::sync::Mutex<()>,
     /// Last address given (round-robin cursor).
@@ -61,6 +63,7 @@ impl Agent {
             started: Instant::now(),
             routing: routing.to_string(),
             nodes: Arc::new(crate::cluster::NodeView::default()),
+            health: Arc::new(crate::health::HealthView::default()),
             cni_lock: tokio::sync::Mutex::new(()),
             cursor: Mutex::new(None),
             deleting: Mutex::new(HashSet::new()),
@@ -372,6 +375,7 @@ impl Agent {
             nodes: self.nodes.nodes.lock().unwrap().values().cloned().collect(),
             last_route_sync_ms_ago: self.nodes.last_sync.lock().unwrap().map(|(t, _)| t.elapsed().as_millis() as u64),
             last_route_error: self.nodes.last_error.lock().unwrap().clone(),
+            health: self.health.peers.lock().unwrap().values().cloned().collect(),
         })
     }
 

@@ -49,6 +49,9 @@ struct Args {
     /// every other node's routing after this long.
     #[arg(long, env = "FJORD_NODE_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     node_lease_ttl: Duration,
+    /// How often to probe every other node (ICMP echo + TCP connect to port 4240).
+    #[arg(long, env = "FJORD_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    health_interval: Duration,
     /// etcd: CA certificate (PEM) to verify the servers.
     #[arg(long, env = "FJORD_ETCD_CA")]
     etcd_ca: Option<PathBuf>,
@@ -196,6 +199,14 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(cluster::keep_registered(store.clone(), record.clone(), args.node_lease_ttl));
     let sync = cluster::RouteSync { me: record, routing: args.routing, underlay_dev: underlay_dev.clone(), nl: nl.clone(), view: agent.nodes.clone() };
     tokio::spawn(sync.run(store.clone()));
+    if let Some(addr) = addresses.first().copied() {
+        tokio::spawn(async move {
+            if let Err(e) = fjord_agent::health::serve(addr).await {
+                warn!(error = %e, %addr, "health endpoint not available");
+            }
+        });
+        tokio::spawn(fjord_agent::health::run_prober(args.node.clone(), agent.nodes.clone(), agent.health.clone(), args.health_interval));
+    }
     // Reconcile what happened while the agent was down.
     let cleaned = agent.sweep_zombies("agent start").await.map_err(|e| anyhow::anyhow!("initial sweep: {e}"))?;
     let atts = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -344,6 +344,9 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
             }
         }
     }
+    if a.verbose && nodes.len() > 1 {
+        print_health_matrix(&nodes);
+    }
     if let Some(p) = &preflight {
         println!(
             "Preflight:            {} ({} pass, {} warn, {} fail, {} skipped; `fjordctl preflight` for fixes)",
@@ -419,4 +422,43 @@ async fn get_nodes(cl: &fjordctl::context::ClusterState, output: Output) -> Resu
         println!("{:<10} {:<16} {:<16} {:<8} {}", r.name, r.addresses.first().map_or("-".into(), |a| a.to_string()), r.pod_cidr, if r.routing.is_empty() { "-" } else { &r.routing }, r.health);
     }
     Ok(0)
+}
+
+/// Node-to-node reachability and RTT (rows: from, columns: to), like cilium-health.
+fn print_health_matrix(nodes: &[serde_json::Value]) {
+    let names: Vec<String> = nodes.iter().filter_map(|v| v["node"].as_str().map(String::from)).collect();
+    println!("Node health (ICMP / TCP RTT, from row to column):");
+    print!("  {:<10}", "");
+    for n in &names {
+        print!(" {n:>20}");
+    }
+    println!();
+    let mut all = vec![];
+    for v in nodes {
+        let from = v["node"].as_str().unwrap_or("?");
+        print!("  {from:<10}");
+        let peers = v["status"]["health"].as_array().cloned().unwrap_or_default();
+        for to in &names {
+            let cell = if to == from {
+                "-".to_string()
+            } else {
+                match peers.iter().find(|p| p["node"].as_str() == Some(to)) {
+                    None => "not probed yet".to_string(),
+                    Some(p) => {
+                        let f = |k: &str| p[k].as_u64().map_or("FAIL".to_string(), |us| format!("{:.2}ms", us as f64 / 1000.0));
+                        if let Some(us) = p["icmpRttUs"].as_u64() {
+                            all.push((to.clone(), us));
+                        }
+                        format!("{} / {}", f("icmpRttUs"), f("tcpRttUs"))
+                    }
+                }
+            };
+            print!(" {cell:>20}");
+        }
+        println!();
+    }
+    let slow = fjord_model::api::slow_nodes(&all);
+    if !slow.is_empty() {
+        println!("  WARNING: RTT to {} is far above the rest (>3x the median)", slow.join(", "));
+    }
 }

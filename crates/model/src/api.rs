@@ -227,6 +227,36 @@ pub struct AgentStatus {
     pub last_route_sync_ms_ago: Option<u64>,
     #[serde(default)]
     pub last_route_error: Option<String>,
+    /// Probes from this node to every other node.
+    #[serde(default)]
+    pub health: Vec<PeerHealth>,
+}
+
+/// One node's view of another (ICMP echo and TCP connect to its health port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerHealth {
+    pub node: String,
+    pub address: Ipv4Addr,
+    pub icmp_rtt_us: Option<u64>,
+    pub tcp_rtt_us: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Nodes whose RTT is far above the rest: more than 3x the median of all
+/// measured RTTs and at least 1 ms above it (so microsecond noise on a quiet
+/// LAN is not flagged).
+pub fn slow_nodes(rtts: &[(String, u64)]) -> Vec<String> {
+    if rtts.len() < 3 {
+        return vec![];
+    }
+    let mut v: Vec<u64> = rtts.iter().map(|(_, r)| *r).collect();
+    v.sort_unstable();
+    let median = v[v.len() / 2];
+    let mut out: Vec<String> = rtts.iter().filter(|(_, r)| *r > median * 3 && *r > median + 1000).map(|(n, _)| n.clone()).collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]
@@ -244,6 +274,16 @@ mod tests {
         assert!(parse_labels("app=-x").unwrap_err().contains("label value"));
         assert!(parse_labels("example.com/app=x").is_ok());
         assert!(parse_labels("app=").is_ok());
+    }
+
+    #[test]
+    fn slow_nodes_are_outliers_only() {
+        let r = |v: &[(&str, u64)]| v.iter().map(|(n, x)| (n.to_string(), *x)).collect::<Vec<_>>();
+        assert!(slow_nodes(&r(&[("a", 100), ("b", 120), ("c", 110), ("d", 130)])).is_empty());
+        assert_eq!(slow_nodes(&r(&[("a", 100), ("b", 120), ("c", 110), ("d", 9000)])), vec!["d"]);
+        // 3x the median but under 1 ms above it: noise, not flagged.
+        assert!(slow_nodes(&r(&[("a", 50), ("b", 60), ("c", 55), ("d", 400)])).is_empty());
+        assert!(slow_nodes(&r(&[("a", 100), ("d", 90000)])).is_empty(), "two samples say nothing");
     }
 
     #[test]
