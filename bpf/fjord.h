@@ -1,0 +1,120 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * fjord.h — the ONE definition of every eBPF map's key/value layout.
+ *
+ * Included by the eBPF programs (bpf/fjord_lb.c, clang -target bpf) and by a tiny
+ * host program that crates/datapath/build.rs compiles to print sizeof/offsetof
+ * of each struct, so the Rust #[repr(C)] mirrors are checked against this file.
+ *
+ * Byte order: fields typed __be* are in network byte order, everything else is
+ * host order. All structs are padded explicitly (no implicit holes), so a key
+ * built by Rust and one built by the eBPF program hash identically.
+ *
+ * Maps (defined in fjord_maps.h, all pinned by name under the loader's pin dir, e.g. /sys/fs/bpf/fjord/<node>/):
+ *
+ *   fjord_services  HASH        fj_svc_key    -> fj_svc_value   one entry per frontend (VIP, port, proto)
+ *   fjord_backends  HASH        __u32 id      -> fj_backend     backend address by backend id
+ *   fjord_maglev    HASH_OF_MAPS __u32 table_id -> inner ARRAY[maglev_size] of __u32 backend id
+ *                               One table per frontend with backends, keyed by its service_id
+ *                               (fj_svc_value.table_id; 0 = no table). The loader builds a new
+ *                               inner array (BPF_F_MMAPABLE: written with one memcpy) and
+ *                               replaces the outer entry in one update: an RCU pointer switch,
+ *                               so packets see the complete old or the complete new table.
+ *   fjord_revnat    HASH        __u32 rev_nat_id -> fj_revnat   service address restored on replies
+ *   fjord_ct        LRU_HASH    fj_ct_key     -> fj_ct_value    conntrack, both directions
+ *   fjord_config    ARRAY[1]    __u32 0       -> fj_config      maglev_size etc., written by the loader
+ *   fjord_stats     PERCPU_ARRAY __u32 FJ_STAT_* -> __u64       datapath counters
+ *   fjord_sock_rn   LRU_HASH    __u64 socket cookie -> fj_sock_revnat  socket-LB: the service a
+ *                               socket was connected to (restored by getpeername/recvmsg)
+ */
+#ifndef FJORD_H
+#define FJORD_H
+
+#include <linux/types.h>
+
+#define FJ_PROTO_TCP 6
+#define FJ_PROTO_UDP 17
+
+/* Service (frontend) lookup key. */
+struct fj_svc_key {
+	__be32 vip;   /* service IPv4 address */
+	__be16 port;  /* service port */
+	__u8 proto;   /* FJ_PROTO_TCP / FJ_PROTO_UDP */
+	__u8 pad;     /* must be 0 */
+};
+
+struct fj_svc_value {
+	__u32 service_id;    /* stable id of this frontend; also its rev_nat_id */
+	__u32 table_id;      /* which maglev table in fjord_maglev */
+	__u32 backend_count; /* 0 => no backend: TCP SYN gets a RST, UDP an ICMP port unreachable, rest dropped */
+	__u32 flags;         /* reserved, 0 */
+};
+
+struct fj_backend {
+	__be32 ip;
+	__be16 port;
+	__u8 proto;
+	__u8 flags; /* reserved, 0 */
+};
+
+struct fj_revnat {
+	__be32 vip;
+	__be16 port;
+	__u16 pad;
+};
+
+#define FJ_CT_DIR_FWD 0   /* client -> service VIP (original direction, before DNAT) */
+#define FJ_CT_DIR_REPLY 1 /* backend -> client (reply direction, before reverse NAT) */
+
+struct fj_ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir;   /* FJ_CT_DIR_* */
+	__u16 pad;  /* must be 0 */
+};
+
+struct fj_ct_value {
+	__u32 backend_id;   /* FWD: chosen backend; REPLY: same */
+	__u32 rev_nat_id;   /* service_id of the frontend */
+	__be32 backend_ip;  /* DNAT target (FWD) */
+	__be16 backend_port;
+	__u16 flags;        /* reserved */
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet */
+};
+
+struct fj_sock_revnat {
+	__be32 vip;
+	__be32 backend_ip;
+	__be16 port;
+	__be16 backend_port;
+	__u32 pad;
+};
+
+struct fj_config {
+	__u32 maglev_size; /* M, prime; slot = flow_hash % M */
+	__u32 max_tables;  /* number of tables in fjord_maglev */
+	__u32 flags;       /* reserved */
+	__u32 version;     /* layout version, FJ_LAYOUT_VERSION */
+};
+
+#define FJ_LAYOUT_VERSION 1
+
+enum fj_stat {
+	FJ_STAT_DNAT = 0,        /* packets DNATed to a backend */
+	FJ_STAT_REVNAT = 1,      /* reply packets reverse-NATed */
+	FJ_STAT_CT_NEW = 2,      /* new conntrack entries */
+	FJ_STAT_CT_HIT = 3,      /* forward packets that hit conntrack */
+	FJ_STAT_NO_BACKEND = 4,  /* packets to a service without backends (RST/ICMP/drop) */
+	FJ_STAT_RST_SENT = 5,    /* TCP RSTs generated for services without backends */
+	FJ_STAT_RESELECT = 6,    /* conntrack entry pointed at a deleted backend: reselected */
+	FJ_STAT_ERROR = 7,       /* map/helper failures (packet dropped) */
+	FJ_STAT_SOCK_LB = 8,     /* connect()/sendmsg() translated by the socket LB */
+	FJ_STAT_ICMP_SENT = 9,   /* ICMP port unreachable generated for UDP to services without backends */
+	FJ_STAT_CT_STALE = 10,   /* stale reply-direction entries removed (tuple reused by a direct flow) */
+	FJ_STAT_MAX = 11,
+};
+
+#endif /* FJORD_H */

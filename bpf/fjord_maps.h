@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * fjord_maps.h — BTF map definitions shared by every fjord eBPF object
+ * (fjord_lb.c: tc programs, fjord_sock.c: socket LB). Every map is pinned by
+ * name, so all objects loaded with the same pin dir share the same maps.
+ * Key/value layouts are in fjord.h.
+ */
+#ifndef FJORD_MAPS_H
+#define FJORD_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "fjord.h"
+
+/* Sizes here are defaults; the loader overrides max_entries at load time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct fj_svc_key);
+	__type(value, struct fj_svc_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct fj_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_backends SEC(".maps");
+
+/* Inner Maglev table template: BPF_F_INNER_MAP lets every inner table have its
+ * own max_entries (= the configured Maglev size); BPF_F_MMAPABLE lets the
+ * loader write a whole table with one memcpy. */
+struct fj_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 4160);
+	__type(key, __u32); /* table_id */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct fj_maglev_inner);
+} fjord_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct fj_revnat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct fj_ct_key);
+	__type(value, struct fj_ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct fj_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FJ_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct fj_sock_revnat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_sock_rn SEC(".maps");
+
+static __always_inline void fj_count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&fjord_stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* Linux jhash (Bob Jenkins lookup3 final mix) over the 5-tuple: the same flow
+ * hashes to the same Maglev slot on every node. */
+#define fj_rol32(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
+static __always_inline __u32 fj_flow_hash(__u32 saddr, __u32 daddr, __u32 ports, __u32 proto)
+{
+	__u32 a = saddr + 0xdeadbeef + proto, b = daddr + 0xdeadbeef + proto,
+	      c = ports + 0xdeadbeef + proto;
+	c ^= b; c -= fj_rol32(b, 14);
+	a ^= c; a -= fj_rol32(c, 11);
+	b ^= a; b -= fj_rol32(a, 25);
+	c ^= b; c -= fj_rol32(b, 16);
+	a ^= c; a -= fj_rol32(c, 4);
+	b ^= a; b -= fj_rol32(a, 14);
+	c ^= b; c -= fj_rol32(b, 24);
+	return c;
+}
+
+#endif /* FJORD_MAPS_H */

@@ -1,0 +1,105 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * fjord_sock.c — socket-level load balancing for clients that are not behind
+ * a pod veth (host-network processes of the node), attached to a cgroup v2:
+ *   cgroup/connect4     TCP/UDP connect() to a service VIP:port -> backend
+ *   cgroup/sendmsg4     unconnected UDP sendto() to a service -> backend
+ *   cgroup/recvmsg4     UDP source address shown as VIP:port again
+ *   cgroup/getpeername4 getpeername() shows VIP:port again
+ * The backend is chosen with the same Maglev tables as the tc path, by a hash
+ * of the socket cookie. A service without backends makes connect() fail (EPERM).
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "fjord.h"
+#include "fjord_maps.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* returns 1 (allow) or 0 (reject: no backend) */
+static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
+{
+	__u32 proto = ctx->protocol;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 1;
+	struct fj_svc_key sk = {};
+	sk.vip = ctx->user_ip4;
+	sk.port = (__be16)ctx->user_port;
+	sk.proto = proto;
+	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
+	if (!svc)
+		return 1;
+	__u32 table_id = svc->table_id;
+	if (svc->backend_count == 0) {
+		fj_count(FJ_STAT_NO_BACKEND);
+		return 0;
+	}
+	__u32 zero = 0;
+	struct fj_config *cfg = bpf_map_lookup_elem(&fjord_config, &zero);
+	if (!cfg || cfg->maglev_size == 0)
+		return 1;
+	void *table = bpf_map_lookup_elem(&fjord_maglev, &table_id);
+	if (!table)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u32 slot = fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto) %
+		     cfg->maglev_size;
+	__u32 *bidp = bpf_map_lookup_elem(table, &slot);
+	if (!bidp)
+		return 1;
+	__u32 bid = *bidp;
+	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
+	if (!be) {
+		fj_count(FJ_STAT_ERROR);
+		return 1;
+	}
+	struct fj_sock_revnat rn = {};
+	rn.vip = sk.vip;
+	rn.port = sk.port;
+	rn.backend_ip = be->ip;
+	rn.backend_port = be->port;
+	bpf_map_update_elem(&fjord_sock_rn, &cookie, &rn, BPF_ANY);
+	ctx->user_ip4 = be->ip;
+	ctx->user_port = (__u32)be->port;
+	fj_count(FJ_STAT_SOCK_LB);
+	return 1;
+}
+
+static __always_inline void fj_sock_restore(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct fj_sock_revnat *rn = bpf_map_lookup_elem(&fjord_sock_rn, &cookie);
+	if (rn && ctx->user_ip4 == rn->backend_ip && (__be16)ctx->user_port == rn->backend_port) {
+		ctx->user_ip4 = rn->vip;
+		ctx->user_port = (__u32)rn->port;
+	}
+}
+
+SEC("cgroup/connect4")
+int fjord_sock_connect4(struct bpf_sock_addr *ctx)
+{
+	return fj_sock_xlate(ctx);
+}
+
+SEC("cgroup/sendmsg4")
+int fjord_sock_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return fj_sock_xlate(ctx);
+}
+
+SEC("cgroup/recvmsg4")
+int fjord_sock_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	fj_sock_restore(ctx);
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int fjord_sock_getpeername4(struct bpf_sock_addr *ctx)
+{
+	fj_sock_restore(ctx);
+	return 1;
+}

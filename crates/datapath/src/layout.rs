@@ -1,0 +1,240 @@
+//! `#[repr(C)]` mirrors of the structs in `bpf/fjord.h`.
+//!
+//! Fields named like the C ones; `__be*` fields hold the value in network byte
+//! order (use the constructors/accessors). The `tests` module checks every
+//! size and offset against numbers measured from the C header at build time.
+use std::net::Ipv4Addr;
+
+use fjord_lb::{BackendAddr, Protocol, ServiceKey};
+
+/// Constants and sizes measured from bpf/fjord.h by build.rs.
+pub mod c {
+    include!(concat!(env!("OUT_DIR"), "/layout.rs"));
+}
+
+fn be_ip(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+fn ip_of(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+/// `struct fj_svc_key`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct SvcKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl SvcKey {
+    pub fn new(k: &ServiceKey) -> Self {
+        SvcKey { vip: be_ip(k.vip), port: k.port.to_be(), proto: k.protocol.number(), pad: 0 }
+    }
+    /// None if the protocol byte is not TCP/UDP (corrupt or foreign entry).
+    pub fn to_service_key(&self) -> Option<ServiceKey> {
+        Some(ServiceKey { vip: ip_of(self.vip), port: u16::from_be(self.port), protocol: Protocol::from_number(self.proto)? })
+    }
+}
+
+/// `struct fj_svc_value`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SvcValue {
+    pub service_id: u32,
+    pub table_id: u32,
+    pub backend_count: u32,
+    pub flags: u32,
+}
+
+/// `struct fj_backend`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct BackendValue {
+    pub ip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+impl BackendValue {
+    pub fn new(b: &BackendAddr) -> Self {
+        BackendValue { ip: be_ip(b.ip), port: b.port.to_be(), proto: b.protocol.number(), flags: 0 }
+    }
+    pub fn to_addr(&self) -> Option<BackendAddr> {
+        Some(BackendAddr { ip: ip_of(self.ip), port: u16::from_be(self.port), protocol: Protocol::from_number(self.proto)? })
+    }
+}
+
+/// `struct fj_revnat`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RevNat {
+    pub vip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+impl RevNat {
+    pub fn new(k: &ServiceKey) -> Self {
+        RevNat { vip: be_ip(k.vip), port: k.port.to_be(), pad: 0 }
+    }
+}
+
+/// `struct fj_ct_key`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: u16,
+}
+
+impl CtKey {
+    pub fn src(&self) -> (Ipv4Addr, u16) {
+        (ip_of(self.saddr), u16::from_be(self.sport))
+    }
+    pub fn dst(&self) -> (Ipv4Addr, u16) {
+        (ip_of(self.daddr), u16::from_be(self.dport))
+    }
+}
+
+/// `struct fj_ct_value`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub backend_ip: u32,
+    pub backend_port: u16,
+    pub flags: u16,
+    pub last_seen_ns: u64,
+}
+
+impl CtValue {
+    pub fn backend(&self) -> (Ipv4Addr, u16) {
+        (ip_of(self.backend_ip), u16::from_be(self.backend_port))
+    }
+}
+
+/// `struct fj_config`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Config {
+    pub maglev_size: u32,
+    pub max_tables: u32,
+    pub flags: u32,
+    pub version: u32,
+}
+
+/// `struct fj_sock_revnat`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SockRevNat {
+    pub vip: u32,
+    pub backend_ip: u32,
+    pub port: u16,
+    pub backend_port: u16,
+    pub pad: u32,
+}
+
+// SAFETY: all of these are #[repr(C)] plain integers with explicit padding
+// fields (no implicit holes), so every bit pattern is valid.
+unsafe impl aya::Pod for SvcKey {}
+unsafe impl aya::Pod for SvcValue {}
+unsafe impl aya::Pod for BackendValue {}
+unsafe impl aya::Pod for RevNat {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for Config {}
+unsafe impl aya::Pod for SockRevNat {}
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const CT_DIR_FWD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+pub const LAYOUT_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    macro_rules! check {
+        ($ty:ty, $size:ident, $( $field:ident => $off:ident ),* $(,)?) => {{
+            assert_eq!(size_of::<$ty>(), c::$size, concat!("sizeof ", stringify!($ty)));
+            $( assert_eq!(offset_of!($ty, $field), c::$off, concat!(stringify!($ty), ".", stringify!($field))); )*
+        }};
+    }
+
+    #[test]
+    fn struct_layouts_match_the_c_header() {
+        check!(SvcKey, SIZEOF_FJ_SVC_KEY, vip => OFFSETOF_FJ_SVC_KEY_VIP, port => OFFSETOF_FJ_SVC_KEY_PORT,
+            proto => OFFSETOF_FJ_SVC_KEY_PROTO, pad => OFFSETOF_FJ_SVC_KEY_PAD);
+        check!(SvcValue, SIZEOF_FJ_SVC_VALUE, service_id => OFFSETOF_FJ_SVC_VALUE_SERVICE_ID,
+            table_id => OFFSETOF_FJ_SVC_VALUE_TABLE_ID, backend_count => OFFSETOF_FJ_SVC_VALUE_BACKEND_COUNT,
+            flags => OFFSETOF_FJ_SVC_VALUE_FLAGS);
+        check!(BackendValue, SIZEOF_FJ_BACKEND, ip => OFFSETOF_FJ_BACKEND_IP, port => OFFSETOF_FJ_BACKEND_PORT,
+            proto => OFFSETOF_FJ_BACKEND_PROTO, flags => OFFSETOF_FJ_BACKEND_FLAGS);
+        check!(RevNat, SIZEOF_FJ_REVNAT, vip => OFFSETOF_FJ_REVNAT_VIP, port => OFFSETOF_FJ_REVNAT_PORT,
+            pad => OFFSETOF_FJ_REVNAT_PAD);
+        check!(CtKey, SIZEOF_FJ_CT_KEY, saddr => OFFSETOF_FJ_CT_KEY_SADDR, daddr => OFFSETOF_FJ_CT_KEY_DADDR,
+            sport => OFFSETOF_FJ_CT_KEY_SPORT, dport => OFFSETOF_FJ_CT_KEY_DPORT, proto => OFFSETOF_FJ_CT_KEY_PROTO,
+            dir => OFFSETOF_FJ_CT_KEY_DIR, pad => OFFSETOF_FJ_CT_KEY_PAD);
+        check!(CtValue, SIZEOF_FJ_CT_VALUE, backend_id => OFFSETOF_FJ_CT_VALUE_BACKEND_ID,
+            rev_nat_id => OFFSETOF_FJ_CT_VALUE_REV_NAT_ID, backend_ip => OFFSETOF_FJ_CT_VALUE_BACKEND_IP,
+            backend_port => OFFSETOF_FJ_CT_VALUE_BACKEND_PORT, flags => OFFSETOF_FJ_CT_VALUE_FLAGS,
+            last_seen_ns => OFFSETOF_FJ_CT_VALUE_LAST_SEEN_NS);
+        check!(Config, SIZEOF_FJ_CONFIG, maglev_size => OFFSETOF_FJ_CONFIG_MAGLEV_SIZE,
+            max_tables => OFFSETOF_FJ_CONFIG_MAX_TABLES, flags => OFFSETOF_FJ_CONFIG_FLAGS,
+            version => OFFSETOF_FJ_CONFIG_VERSION);
+        check!(SockRevNat, SIZEOF_FJ_SOCK_REVNAT, vip => OFFSETOF_FJ_SOCK_REVNAT_VIP,
+            backend_ip => OFFSETOF_FJ_SOCK_REVNAT_BACKEND_IP, port => OFFSETOF_FJ_SOCK_REVNAT_PORT,
+            backend_port => OFFSETOF_FJ_SOCK_REVNAT_BACKEND_PORT, pad => OFFSETOF_FJ_SOCK_REVNAT_PAD);
+    }
+
+    #[test]
+    fn constants_match_the_c_header() {
+        assert_eq!(PROTO_TCP as u64, c::FJ_PROTO_TCP);
+        assert_eq!(PROTO_UDP as u64, c::FJ_PROTO_UDP);
+        assert_eq!(CT_DIR_FWD as u64, c::FJ_CT_DIR_FWD);
+        assert_eq!(CT_DIR_REPLY as u64, c::FJ_CT_DIR_REPLY);
+        assert_eq!(LAYOUT_VERSION as u64, c::FJ_LAYOUT_VERSION);
+        assert_eq!(Protocol::Tcp.number(), PROTO_TCP);
+        assert_eq!(Protocol::Udp.number(), PROTO_UDP);
+        for (i, s) in crate::Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
+        assert_eq!(crate::Stat::ALL.len() as u64, c::FJ_STAT_MAX);
+        assert_eq!(crate::Stat::Dnat as u64, c::FJ_STAT_DNAT);
+        assert_eq!(crate::Stat::Revnat as u64, c::FJ_STAT_REVNAT);
+        assert_eq!(crate::Stat::CtNew as u64, c::FJ_STAT_CT_NEW);
+        assert_eq!(crate::Stat::CtHit as u64, c::FJ_STAT_CT_HIT);
+        assert_eq!(crate::Stat::NoBackend as u64, c::FJ_STAT_NO_BACKEND);
+        assert_eq!(crate::Stat::RstSent as u64, c::FJ_STAT_RST_SENT);
+        assert_eq!(crate::Stat::Reselect as u64, c::FJ_STAT_RESELECT);
+        assert_eq!(crate::Stat::Error as u64, c::FJ_STAT_ERROR);
+        assert_eq!(crate::Stat::SockLb as u64, c::FJ_STAT_SOCK_LB);
+        assert_eq!(crate::Stat::IcmpSent as u64, c::FJ_STAT_ICMP_SENT);
+        assert_eq!(crate::Stat::CtStale as u64, c::FJ_STAT_CT_STALE);
+    }
+
+    #[test]
+    fn byte_order_of_keys() {
+        let k = ServiceKey { vip: "10.96.0.10".parse().unwrap(), port: 80, protocol: Protocol::Tcp };
+        let s = SvcKey::new(&k);
+        // in memory exactly as in the packet: 10 96 0 10 | 0 80 | 6 | 0
+        let bytes: [u8; 8] = unsafe { std::mem::transmute(s) };
+        assert_eq!(bytes, [10, 96, 0, 10, 0, 80, 6, 0]);
+        assert_eq!(s.to_service_key(), Some(k));
+        let b = BackendAddr { ip: "10.244.1.5".parse().unwrap(), port: 8080, protocol: Protocol::Udp };
+        assert_eq!(BackendValue::new(&b).to_addr(), Some(b));
+        assert_eq!(SvcKey { proto: 132, ..s }.to_service_key(), None);
+    }
+}

@@ -1,0 +1,1312 @@
+//! fjord-datapath: loads fjord's eBPF kube-proxy replacement (bpf/*.c,
+//! compiled by build.rs with clang) with aya 0.14, pins its maps per node
+//! under bpffs, attaches the programs and programs services atomically.
+//!
+//! ```text
+//!   let mut dp = Datapath::load(DatapathConfig::for_node("node-a"))?;  // re-uses pinned maps
+//!   dp.attach("fj1a2b3c")?;          // pod host veth: tc ingress fjord_from_pod (DNAT),
+//!                                    //                tc egress  fjord_to_pod   (reverse NAT)
+//!   dp.attach_cgroup(cgroup_path)?;  // optional socket LB for host-network processes
+//!   let entries = fjord_lb::translate(&service, &LbConfig { maglev_size: dp.config().maglev_size, .. })?;
+//!   dp.upsert_many(&entries)?;       // or upsert(&entry); delete(&key)
+//!   dp.map_stats()?; dp.counters()?; // fill levels + datapath counters for metrics/status
+//!   dp.detach("fj1a2b3c")?; dp.prune_stale_links()?;
+//! ```
+//! Attach/detach act on the network namespace of the calling thread (the
+//! node netns); map operations work from any thread. Programs stay attached
+//! when the process exits (links are pinned); a new `load` + `attach`
+//! atomically replaces the programs and keeps every flow (conntrack is pinned).
+pub mod layout;
+
+use std::collections::{BTreeMap, HashMap as StdHashMap, HashSet, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use fjord_lb::{BackendAddr, FrontendEntries, ServiceKey};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use layout::{BackendValue, Config, CtKey, CtValue, RevNat, SvcKey, SvcValue, LAYOUT_VERSION};
+
+/// The compiled eBPF object with the tc programs (bpf/fjord_lb.c).
+pub const BPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fjord_lb.o"));
+/// The compiled socket-LB object (bpf/fjord_sock.c).
+pub const BPF_SOCK_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fjord_sock.o"));
+
+pub const MAP_SERVICES: &str = "fjord_services";
+pub const MAP_BACKENDS: &str = "fjord_backends";
+pub const MAP_MAGLEV: &str = "fjord_maglev";
+pub const MAP_REVNAT: &str = "fjord_revnat";
+pub const MAP_CT: &str = "fjord_ct";
+pub const MAP_CONFIG: &str = "fjord_config";
+pub const MAP_STATS: &str = "fjord_stats";
+pub const MAP_SOCK_RN: &str = "fjord_sock_rn";
+pub const ALL_MAPS: [&str; 8] =
+    [MAP_SERVICES, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_CT, MAP_CONFIG, MAP_STATS, MAP_SOCK_RN];
+/// Socket-LB programs (cgroup hooks) in BPF_SOCK_OBJECT.
+pub const SOCK_PROGS: [&str; 4] =
+    ["fjord_sock_connect4", "fjord_sock_sendmsg4", "fjord_sock_recvmsg4", "fjord_sock_getpeername4"];
+pub const PROG_FROM_POD: &str = "fjord_from_pod";
+pub const PROG_TO_POD: &str = "fjord_to_pod";
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// table_id stored in a service entry without backends (no table).
+const NO_TABLE: u32 = 0;
+/// Spare outer-map entries beyond max_services (tables are keyed by service id;
+/// headroom for leftovers of an interrupted update, cleaned on load).
+const SPARE_TABLES: u32 = 16;
+/// Frontends prepared at once by upsert_many (each holds up to 2 map fds).
+const BATCH_CHUNK: usize = 256;
+
+/// Datapath counters (`enum fj_stat` in bpf/fjord.h), summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stat {
+    Dnat = 0,
+    Revnat = 1,
+    CtNew = 2,
+    CtHit = 3,
+    NoBackend = 4,
+    RstSent = 5,
+    Reselect = 6,
+    Error = 7,
+    SockLb = 8,
+    IcmpSent = 9,
+    CtStale = 10,
+}
+
+impl Stat {
+    pub const ALL: [Stat; 11] = [
+        Stat::Dnat,
+        Stat::Revnat,
+        Stat::CtNew,
+        Stat::CtHit,
+        Stat::NoBackend,
+        Stat::RstSent,
+        Stat::Reselect,
+        Stat::Error,
+        Stat::SockLb,
+        Stat::IcmpSent,
+        Stat::CtStale,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Stat::Dnat => "dnat",
+            Stat::Revnat => "revnat",
+            Stat::CtNew => "ct_new",
+            Stat::CtHit => "ct_hit",
+            Stat::NoBackend => "no_backend",
+            Stat::RstSent => "rst_sent",
+            Stat::Reselect => "reselect",
+            Stat::Error => "error",
+            Stat::SockLb => "sock_lb",
+            Stat::IcmpSent => "icmp_sent",
+            Stat::CtStale => "ct_stale",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("bpffs at {path}: {source}; fjord needs a BPF filesystem there: run `mount -t bpf bpf /sys/fs/bpf` as root")]
+    Bpffs { path: PathBuf, source: io::Error },
+    #[error("pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("invalid datapath config: {field} = {value}: {hint}")]
+    Config { field: &'static str, value: String, hint: String },
+    #[error("loading the eBPF object with maps pinned in {pin_dir}: {source} (are you root, is the kernel >= 6.6 with BTF?)")]
+    Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
+    #[error(
+        "maps pinned in {pin_dir} were created with {field} = {pinned}, but {requested} was requested: \
+         start with the same setting, or delete {pin_dir} to recreate the maps (this drops all flows)"
+    )]
+    PinnedMismatch { pin_dir: PathBuf, field: &'static str, pinned: u64, requested: u64 },
+    #[error("eBPF map {map}: {op}: {source}")]
+    Map { map: &'static str, op: String, source: Box<MapError> },
+    #[error("eBPF program {program} on interface {iface}: {op}: {source}")]
+    Program { program: &'static str, iface: String, op: &'static str, source: Box<ProgramError> },
+    #[error("eBPF program {program} on interface {iface}: {op}: {source}")]
+    Link { program: &'static str, iface: String, op: &'static str, source: Box<LinkError> },
+    #[error("link pin {path}: {op}: {source}")]
+    LinkPin { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("cgroup {path}: {source}; give the path of a cgroup v2 directory (e.g. under /sys/fs/cgroup/unified)")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("interface {iface:?} does not exist in this network namespace: create the pod's veth first")]
+    NoSuchInterface { iface: String },
+    #[error("interface {iface:?} is not attached by fjord (no pinned links in {dir})")]
+    NotAttached { iface: String, dir: PathBuf },
+    #[error(
+        "service {service} ({key}): its Maglev table has {got} slots but this datapath uses {want}: \
+         translate with LbConfig.maglev_size = {want}"
+    )]
+    TableSize { service: String, key: ServiceKey, got: usize, want: u32 },
+    #[error("service {service} ({key}): Maglev slot {slot} points at backend #{index}, but only {count} backends are listed")]
+    BadTable { service: String, key: ServiceKey, slot: usize, index: u32, count: usize },
+    #[error("service {service} ({key}): backend {backend} has protocol {got}, the frontend {want}")]
+    ProtocolMismatch { service: String, key: ServiceKey, backend: BackendAddr, got: fjord_lb::Protocol, want: fjord_lb::Protocol },
+    #[error(
+        "service {service} ({key}): fjord_services is full ({max} frontends): nothing was changed; \
+         raise DatapathConfig.max_services (needs a restart with a new pin dir)"
+    )]
+    ServicesFull { service: String, key: ServiceKey, max: u32 },
+    #[error(
+        "service {service} ({key}): needs {needed} new backend entries but fjord_backends has {free} free \
+         of {max}: nothing was changed; raise DatapathConfig.max_backends"
+    )]
+    BackendsFull { service: String, key: ServiceKey, needed: usize, free: usize, max: u32 },
+    #[error("service {service}: frontend {key} is listed twice in one batch: list every frontend once")]
+    DuplicateInBatch { service: String, key: ServiceKey },
+    #[error("service {key} is not programmed in this datapath")]
+    NotFound { key: ServiceKey },
+    #[error("mmap of a Maglev table for service {key}: {source}")]
+    Mmap { key: ServiceKey, source: io::Error },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(map: &'static str, op: impl Into<String>) -> impl FnOnce(MapError) -> DatapathError {
+    let op = op.into();
+    move |source| DatapathError::Map { map, op, source: Box::new(source) }
+}
+
+/// Sizes and places. All nodes of a cluster must use the same `maglev_size`
+/// and `seed` (so a flow picks the same backend on every node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Directory for pinned maps and links, e.g. `/sys/fs/bpf/fjord/<node>`.
+    pub pin_dir: PathBuf,
+    /// Maglev table size M (prime). Kernel memory: M × 8 bytes (BPF arrays
+    /// store 4-byte values in 8-byte slots) rounded up to pages, per frontend
+    /// with backends: 128 KiB at M = 16381.
+    pub maglev_size: u32,
+    /// Capacity of fjord_services / fjord_revnat (frontends = VIP×port×proto).
+    pub max_services: u32,
+    /// Capacity of fjord_backends (distinct backend ip:port/proto).
+    pub max_backends: u32,
+    /// Conntrack entries (LRU: when full the oldest flows are evicted). Each
+    /// connection uses 2 entries (~100 bytes each incl. overhead).
+    pub ct_entries: u32,
+}
+
+impl DatapathConfig {
+    /// Defaults for `node`: pins in `/sys/fs/bpf/fjord/<node>`, M = 16381,
+    /// 1024 frontends (~128 MiB of Maglev tables when all have backends),
+    /// 65536 backends, 262144 conntrack entries (~26 MiB).
+    pub fn for_node(node: &str) -> Self {
+        DatapathConfig {
+            pin_dir: Path::new("/sys/fs/bpf/fjord").join(node),
+            maglev_size: fjord_lb::DEFAULT_TABLE_SIZE,
+            max_services: 1024,
+            max_backends: 65536,
+            ct_entries: 262144,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |field, value: u64, hint: &str| DatapathError::Config { field, value: value.to_string(), hint: hint.into() };
+        fjord_lb::maglev::validate_size(self.maglev_size)
+            .map_err(|e| bad("maglev_size", self.maglev_size as u64, &e.to_string()))?;
+        if self.max_services == 0 || self.max_services > 1 << 20 {
+            return Err(bad("max_services", self.max_services as u64, "must be between 1 and 1048576"));
+        }
+        if self.max_backends == 0 || self.max_backends > 1 << 24 {
+            return Err(bad("max_backends", self.max_backends as u64, "must be between 1 and 16777216"));
+        }
+        if self.ct_entries < 64 || self.ct_entries > 1 << 26 {
+            return Err(bad("ct_entries", self.ct_entries as u64, "must be between 64 and 67108864"));
+        }
+        Ok(())
+    }
+}
+
+/// Fill level of one map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapStats {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub max_entries: u32,
+    pub entries: u32,
+}
+
+/// One frontend between prepare() and commit().
+struct Prepared {
+    service: String,
+    key: ServiceKey,
+    service_id: u32,
+    existing: Option<SvcState>,
+    /// backend entries created for this frontend (not used by anything else yet)
+    added: Vec<(BackendAddr, u32)>,
+    uniq: Vec<BackendAddr>,
+    /// backend id of each entry of FrontendEntries::backends
+    index_ids: Vec<u32>,
+    table_id: u32,
+    backend_count: u32,
+    /// the new table (None: no backends, or unchanged)
+    inner: Option<MapData>,
+    /// the table it replaces, to restore on failure
+    previous: Option<MapData>,
+    switched: bool,
+}
+
+#[derive(Debug, Clone)]
+struct SvcState {
+    service: String,
+    service_id: u32,
+    table_id: u32,
+    backend_ids: Vec<u32>,
+}
+
+/// Makes sure `/sys/fs/bpf` (the parent of pin dirs) is a bpffs mount,
+/// mounting it if it is not.
+pub fn ensure_bpffs(mountpoint: &Path) -> Result<()> {
+    let is_bpffs = |p: &Path| -> io::Result<bool> {
+        let st = nix::sys::statfs::statfs(p).map_err(io::Error::from)?;
+        Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    let err = |source| DatapathError::Bpffs { path: mountpoint.to_path_buf(), source };
+    if is_bpffs(mountpoint).map_err(err)? {
+        return Ok(());
+    }
+    info!(path = %mountpoint.display(), "mounting bpffs");
+    nix::mount::mount(Some("bpf"), mountpoint, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| err(io::Error::from(e)))?;
+    Ok(())
+}
+
+/// The loaded datapath of one node.
+pub struct Datapath {
+    cfg: DatapathConfig,
+    ebpf: Ebpf,
+    services_map: HashMap<MapData, SvcKey, SvcValue>,
+    backends_map: HashMap<MapData, u32, BackendValue>,
+    maglev_map: HashOfMaps<MapData, u32, MapData>,
+    revnat_map: HashMap<MapData, u32, RevNat>,
+    ct_map: HashMap<MapData, CtKey, CtValue>,
+    stats_map: PerCpuArray<MapData, u64>,
+    max_tables: u32,
+    services: BTreeMap<ServiceKey, SvcState>,
+    /// backend address -> (id, number of frontends using it)
+    backends: StdHashMap<BackendAddr, (u32, u32)>,
+    free_backend_ids: VecDeque<u32>,
+    next_backend_id: u32,
+    free_service_ids: VecDeque<u32>,
+    next_service_id: u32,
+    /// service ids handed out by prepare() but not yet committed
+    reserved_services: usize,
+    /// socket-LB programs, loaded on the first attach_cgroup()
+    sock: Option<Ebpf>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").field("cfg", &self.cfg).field("services", &self.services.len()).finish()
+    }
+}
+
+/// A loader that creates or re-uses the maps pinned in cfg.pin_dir.
+fn loader(cfg: &DatapathConfig) -> EbpfLoader<'static> {
+    let mut l = EbpfLoader::new();
+    l.default_map_pin_directory(&cfg.pin_dir)
+        .map_max_entries(MAP_SERVICES, cfg.max_services)
+        .map_max_entries(MAP_REVNAT, cfg.max_services)
+        .map_max_entries(MAP_MAGLEV, cfg.max_services + SPARE_TABLES)
+        .map_max_entries(MAP_BACKENDS, cfg.max_backends)
+        .map_max_entries(MAP_CT, cfg.ct_entries)
+        .map_max_entries(MAP_SOCK_RN, cfg.ct_entries / 2);
+    l
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let m = ebpf.take_map(name).ok_or_else(|| DatapathError::Map {
+        map: name,
+        op: "find in the eBPF object".into(),
+        source: Box::new(MapError::InvalidName { name: name.into() }),
+    })?;
+    T::try_from(m).map_err(map_err(name, "open with the layout of bpf/fjord.h"))
+}
+
+impl Datapath {
+    /// Loads the programs, creating the maps or re-using those pinned in
+    /// `cfg.pin_dir` (then the in-memory state is rebuilt from them).
+    pub fn load(cfg: DatapathConfig) -> Result<Self> {
+        cfg.validate()?;
+        if let Some(root) = cfg.pin_dir.ancestors().find(|p| p.parent() == Some(Path::new("/sys/fs"))) {
+            if root == Path::new("/sys/fs/bpf") {
+                ensure_bpffs(root)?;
+            }
+        }
+        std::fs::create_dir_all(cfg.pin_dir.join("links"))
+            .map_err(|source| DatapathError::PinDir { path: cfg.pin_dir.clone(), source })?;
+        let max_tables = cfg.max_services + SPARE_TABLES;
+        let ebpf = loader(&cfg)
+            .load(BPF_OBJECT)
+            .map_err(|e| DatapathError::Load { pin_dir: cfg.pin_dir.clone(), source: Box::new(e) })?;
+        let mut ebpf = ebpf;
+        // load (verify) the programs while every map fd they reference is still open
+        for prog in [PROG_FROM_POD, PROG_TO_POD] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(prog)
+                .expect("program compiled into the object")
+                .try_into()
+                .expect("classifier section");
+            p.load().map_err(|e| DatapathError::Program {
+                program: if prog == PROG_FROM_POD { PROG_FROM_POD } else { PROG_TO_POD },
+                iface: "-".into(),
+                op: "load (verifier)",
+                source: Box::new(e),
+            })?;
+        }
+
+        // pinned maps keep their original sizes: refuse a mismatch instead of misbehaving
+        for (field, map, want) in [
+            ("max_services", MAP_SERVICES, cfg.max_services),
+            ("max_backends", MAP_BACKENDS, cfg.max_backends),
+            ("ct_entries", MAP_CT, cfg.ct_entries),
+        ] {
+            let got = pinned_max_entries(&ebpf, map)?;
+            if got != want {
+                return Err(DatapathError::PinnedMismatch {
+                    pin_dir: cfg.pin_dir.clone(),
+                    field,
+                    pinned: got as u64,
+                    requested: want as u64,
+                });
+            }
+        }
+        let mut config: Array<MapData, Config> = take(&mut ebpf, MAP_CONFIG)?;
+        let services_map: HashMap<MapData, SvcKey, SvcValue> = take(&mut ebpf, MAP_SERVICES)?;
+        let backends_map: HashMap<MapData, u32, BackendValue> = take(&mut ebpf, MAP_BACKENDS)?;
+        let maglev_map: HashOfMaps<MapData, u32, MapData> = take(&mut ebpf, MAP_MAGLEV)?;
+        let revnat_map: HashMap<MapData, u32, RevNat> = take(&mut ebpf, MAP_REVNAT)?;
+        let ct_map: HashMap<MapData, CtKey, CtValue> = take(&mut ebpf, MAP_CT)?;
+        let stats_map: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_STATS)?;
+        let cur = config.get(&0, 0).map_err(map_err(MAP_CONFIG, "read"))?;
+        if cur.maglev_size == 0 {
+            let c = Config { maglev_size: cfg.maglev_size, max_tables, flags: 0, version: LAYOUT_VERSION };
+            config.set(0, c, 0).map_err(map_err(MAP_CONFIG, "write"))?;
+        } else if cur.maglev_size != cfg.maglev_size {
+            return Err(DatapathError::PinnedMismatch {
+                pin_dir: cfg.pin_dir.clone(),
+                field: "maglev_size",
+                pinned: cur.maglev_size as u64,
+                requested: cfg.maglev_size as u64,
+            });
+        } else if cur.version != LAYOUT_VERSION {
+            return Err(DatapathError::PinnedMismatch {
+                pin_dir: cfg.pin_dir.clone(),
+                field: "layout version",
+                pinned: cur.version as u64,
+                requested: LAYOUT_VERSION as u64,
+            });
+        }
+        drop(config);
+
+        let mut dp = Datapath {
+            cfg,
+            ebpf,
+            services_map,
+            backends_map,
+            maglev_map,
+            revnat_map,
+            ct_map,
+            stats_map,
+            max_tables,
+            services: BTreeMap::new(),
+            backends: StdHashMap::new(),
+            free_backend_ids: VecDeque::new(),
+            next_backend_id: 1,
+            free_service_ids: VecDeque::new(),
+            next_service_id: 1,
+            reserved_services: 0,
+            sock: None,
+        };
+        dp.recover()?;
+        info!(pin_dir = %dp.cfg.pin_dir.display(), services = dp.services.len(), backends = dp.backends.len(),
+            "fjord datapath loaded");
+        Ok(dp)
+    }
+
+    pub fn config(&self) -> &DatapathConfig {
+        &self.cfg
+    }
+
+    /// Rebuilds the allocator state from pinned maps and removes leftovers of
+    /// an interrupted update (tables/backends/revnat entries nobody uses).
+    fn recover(&mut self) -> Result<()> {
+        let mut by_id: StdHashMap<u32, BackendAddr> = StdHashMap::new();
+        for item in self.backends_map.iter() {
+            let (id, v) = item.map_err(map_err(MAP_BACKENDS, "iterate"))?;
+            match v.to_addr() {
+                Some(a) => {
+                    by_id.insert(id, a);
+                }
+                None => warn!(id, "ignoring backend entry with unknown protocol"),
+            }
+        }
+        let mut svcs = Vec::new();
+        for item in self.services_map.iter() {
+            svcs.push(item.map_err(map_err(MAP_SERVICES, "iterate"))?);
+        }
+        let m = self.cfg.maglev_size;
+        let mut used_backends: StdHashMap<u32, u32> = StdHashMap::new();
+        let mut used_tables = HashSet::new();
+        for (k, v) in svcs {
+            let Some(key) = k.to_service_key() else { continue };
+            let mut ids = Vec::new();
+            if v.table_id != NO_TABLE {
+                used_tables.insert(v.table_id);
+                let inner = self.maglev_map.get(&v.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table {}", v.table_id)))?;
+                let mut seen = HashSet::new();
+                with_mmap(&inner, m, false, key, |slots| {
+                    for &id in slots.iter() {
+                        if seen.insert(id) {
+                            ids.push(id);
+                        }
+                    }
+                })?;
+            }
+            for id in &ids {
+                *used_backends.entry(*id).or_default() += 1;
+            }
+            self.next_service_id = self.next_service_id.max(v.service_id + 1);
+            self.services.insert(key, SvcState { service: "<recovered>".into(), service_id: v.service_id, table_id: v.table_id, backend_ids: ids });
+        }
+        // orphan tables (an update interrupted between table insert and switch)
+        let mut orphans = Vec::new();
+        for t in self.maglev_map.keys() {
+            let t = t.map_err(map_err(MAP_MAGLEV, "iterate"))?;
+            if !used_tables.contains(&t) {
+                orphans.push(t);
+            }
+        }
+        for t in orphans {
+            debug!(table = t, "removing orphan Maglev table");
+            self.maglev_map.remove(&t).map_err(map_err(MAP_MAGLEV, "remove orphan"))?;
+        }
+        for (id, addr) in by_id {
+            match used_backends.get(&id) {
+                Some(&refs) => {
+                    self.backends.insert(addr, (id, refs));
+                }
+                None => {
+                    debug!(id, backend = %addr, "removing unused backend entry");
+                    self.backends_map.remove(&id).map_err(map_err(MAP_BACKENDS, "remove orphan"))?;
+                }
+            }
+            self.next_backend_id = self.next_backend_id.max(id + 1);
+        }
+        let ids: HashSet<u32> = self.services.values().map(|s| s.service_id).collect();
+        let mut stale = Vec::new();
+        for k in self.revnat_map.keys() {
+            let k = k.map_err(map_err(MAP_REVNAT, "iterate"))?;
+            if !ids.contains(&k) {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            self.revnat_map.remove(&k).map_err(map_err(MAP_REVNAT, "remove orphan"))?;
+        }
+        // free ids below the high-water marks become reusable
+        let used_sids: HashSet<u32> = ids;
+        self.free_service_ids = (1..self.next_service_id).filter(|i| !used_sids.contains(i)).collect();
+        let used_bids: HashSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
+        self.free_backend_ids = (1..self.next_backend_id).filter(|i| !used_bids.contains(i)).collect();
+        Ok(())
+    }
+
+    /// The frontends currently programmed.
+    pub fn services(&self) -> Vec<ServiceKey> {
+        self.services.keys().copied().collect()
+    }
+
+    /// Backend addresses programmed for `key` (in Maglev-table order of first use).
+    pub fn service_backends(&self, key: &ServiceKey) -> Option<Vec<BackendAddr>> {
+        let st = self.services.get(key)?;
+        let rev: StdHashMap<u32, BackendAddr> = self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
+        Some(st.backend_ids.iter().filter_map(|id| rev.get(id).copied()).collect())
+    }
+
+    /// Reads back the Maglev table the datapath uses for `key`: slot → backend.
+    pub fn maglev_table(&self, key: &ServiceKey) -> Result<Vec<BackendAddr>> {
+        let st = self.services.get(key).ok_or(DatapathError::NotFound { key: *key })?;
+        if st.table_id == NO_TABLE {
+            return Ok(Vec::new());
+        }
+        let inner = self.maglev_map.get(&st.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table of {key}")))?;
+        let ids = with_mmap(&inner, self.cfg.maglev_size, false, *key, |s| s.to_vec())?;
+        let rev: StdHashMap<u32, BackendAddr> = self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
+        ids.iter()
+            .map(|id| {
+                rev.get(id).copied().ok_or_else(|| DatapathError::BadTable {
+                    service: st.service.clone(),
+                    key: *key,
+                    slot: 0,
+                    index: *id,
+                    count: rev.len(),
+                })
+            })
+            .collect()
+    }
+
+    /// Programs one frontend: new backend entries, then a freshly built Maglev
+    /// table switched in atomically (one map-in-map update), then the service
+    /// entry; finally backends no longer used are released. Established flows
+    /// keep their backend through conntrack. On error nothing is changed.
+    /// Re-programming an unchanged frontend does not touch the table.
+    pub fn upsert(&mut self, fe: &FrontendEntries) -> Result<()> {
+        self.upsert_many(std::slice::from_ref(fe))
+    }
+
+    /// Programs many frontends. All entries are validated (including the
+    /// capacity needed by the whole batch) before anything is written: a
+    /// validation error changes nothing. Each frontend switches atomically on
+    /// its own (a kernel error in the middle of a large batch leaves the
+    /// chunks before it applied, and is returned); the table switches of the batch run concurrently, because the
+    /// kernel waits for an RCU grace period (milliseconds) on every map-in-map
+    /// update and concurrent waiters share grace periods.
+    pub fn upsert_many(&mut self, entries: &[FrontendEntries]) -> Result<()> {
+        // ---- validate the whole batch first: a bad entry or a batch that does not
+        //      fit changes nothing. (Capacity is checked conservatively: backends
+        //      freed by this batch are not counted as free.) ----
+        let mut keys = HashSet::new();
+        let mut new_services = 0usize;
+        let mut new_backends: HashSet<BackendAddr> = HashSet::new();
+        for fe in entries {
+            if !keys.insert(fe.key) {
+                return Err(DatapathError::DuplicateInBatch { service: fe.service.clone(), key: fe.key });
+            }
+            self.validate(fe)?;
+            if !self.services.contains_key(&fe.key) {
+                new_services += 1;
+                if self.services.len() + new_services > self.cfg.max_services as usize {
+                    return Err(DatapathError::ServicesFull { service: fe.service.clone(), key: fe.key, max: self.cfg.max_services });
+                }
+            }
+            let before = new_backends.len();
+            new_backends.extend(fe.backends.iter().filter(|a| !self.backends.contains_key(a)).copied());
+            let free = self.cfg.max_backends as usize - self.backends.len();
+            if new_backends.len() > free {
+                return Err(DatapathError::BackendsFull {
+                    service: fe.service.clone(),
+                    key: fe.key,
+                    needed: new_backends.len() - before,
+                    free: free.saturating_sub(before),
+                    max: self.cfg.max_backends,
+                });
+            }
+        }
+        // ---- apply in chunks (each prepared table holds file descriptors) ----
+        for chunk in entries.chunks(BATCH_CHUNK) {
+            self.apply_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn apply_chunk(&mut self, entries: &[FrontendEntries]) -> Result<()> {
+        let mut prepared: Vec<Prepared> = Vec::with_capacity(entries.len());
+        for fe in entries {
+            match self.prepare(fe) {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    self.abort_all(prepared, true);
+                    return Err(e);
+                }
+            }
+        }
+        // ---- table switches, concurrently ----
+        let results = self.switch_tables(&mut prepared);
+        if let Some(pos) = results.iter().position(|r| r.is_err()) {
+            let err = results.into_iter().nth(pos).expect("present").expect_err("is err");
+            self.abort_all(prepared, true);
+            return Err(err);
+        }
+        // ---- service entries + bookkeeping ----
+        let mut iter = prepared.into_iter();
+        while let Some(p) = iter.next() {
+            if let Err(e) = self.commit(p) {
+                // the failing entry was restored by commit(); undo the ones not yet committed
+                self.abort_all(iter.collect(), true);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self, fe: &FrontendEntries) -> Result<()> {
+        let key = fe.key;
+        let m = self.cfg.maglev_size;
+        if !fe.backends.is_empty() && fe.maglev.len() != m as usize {
+            return Err(DatapathError::TableSize { service: fe.service.clone(), key, got: fe.maglev.len(), want: m });
+        }
+        if fe.backends.is_empty() && !fe.maglev.is_empty() {
+            return Err(DatapathError::BadTable { service: fe.service.clone(), key, slot: 0, index: fe.maglev[0], count: 0 });
+        }
+        if let Some((slot, &index)) = fe.maglev.iter().enumerate().find(|(_, &i)| i as usize >= fe.backends.len()) {
+            return Err(DatapathError::BadTable { service: fe.service.clone(), key, slot, index, count: fe.backends.len() });
+        }
+        if let Some(b) = fe.backends.iter().find(|b| b.protocol != key.protocol) {
+            return Err(DatapathError::ProtocolMismatch { service: fe.service.clone(), key, backend: *b, got: b.protocol, want: key.protocol });
+        }
+        Ok(())
+    }
+
+    /// Checks capacity, reserves ids, writes new backend entries and builds the
+    /// new table (not yet visible to the datapath).
+    fn prepare(&mut self, fe: &FrontendEntries) -> Result<Prepared> {
+        self.validate(fe)?;
+        let key = fe.key;
+        let m = self.cfg.maglev_size;
+        let existing = self.services.get(&key).cloned();
+        let reserved = self.reserved_services;
+        if existing.is_none() && self.services.len() + reserved >= self.cfg.max_services as usize {
+            return Err(DatapathError::ServicesFull { service: fe.service.clone(), key, max: self.cfg.max_services });
+        }
+        let mut uniq: Vec<BackendAddr> = fe.backends.clone();
+        uniq.sort();
+        uniq.dedup();
+        let new_addrs: Vec<BackendAddr> = uniq.iter().filter(|a| !self.backends.contains_key(a)).copied().collect();
+        let free = self.cfg.max_backends as usize - self.backends.len();
+        if new_addrs.len() > free {
+            return Err(DatapathError::BackendsFull {
+                service: fe.service.clone(),
+                key,
+                needed: new_addrs.len(),
+                free,
+                max: self.cfg.max_backends,
+            });
+        }
+        let service_id = match &existing {
+            Some(s) => s.service_id,
+            None => {
+                self.reserved_services += 1;
+                self.free_service_ids.pop_front().unwrap_or_else(|| {
+                    self.next_service_id += 1;
+                    self.next_service_id - 1
+                })
+            }
+        };
+        let mut p = Prepared {
+            service: fe.service.clone(),
+            key,
+            service_id,
+            existing,
+            added: Vec::new(),
+            uniq,
+            index_ids: Vec::new(),
+            table_id: if fe.backends.is_empty() { NO_TABLE } else { service_id },
+            backend_count: fe.backends.len() as u32,
+            inner: None,
+            previous: None,
+            switched: false,
+        };
+        // backend entries: registered right away (refcount 0) so later entries of
+        // the same batch share them; abort() removes them again
+        for a in &new_addrs {
+            let id = self.free_backend_ids.front().copied().unwrap_or(self.next_backend_id);
+            if let Err(e) = self.backends_map.insert(id, BackendValue::new(a), 0) {
+                self.abort(p);
+                return Err(map_err(MAP_BACKENDS, format!("insert backend {a} for {key}"))(e));
+            }
+            if self.free_backend_ids.front() == Some(&id) {
+                self.free_backend_ids.pop_front();
+            } else {
+                self.next_backend_id += 1;
+            }
+            self.backends.insert(*a, (id, 0));
+            p.added.push((*a, id));
+        }
+        p.index_ids = fe.backends.iter().map(|a| self.backends[a].0).collect();
+        let had_table = p.existing.as_ref().is_some_and(|s| s.table_id != NO_TABLE);
+        if p.table_id != NO_TABLE {
+            let res = (|| -> Result<(Option<MapData>, Option<MapData>)> {
+                let mut previous = None;
+                if had_table {
+                    let old = self.maglev_map.get(&p.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table of {key}")))?;
+                    let current = with_mmap(&old, m, false, key, |s| s.to_vec())?;
+                    let wanted: Vec<u32> = fe.maglev.iter().map(|&i| p.index_ids[i as usize]).collect();
+                    if current == wanted {
+                        return Ok((None, None)); // unchanged: nothing to switch
+                    }
+                    previous = Some(old);
+                }
+                let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, m, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
+                let inner = MapData::create(obj, "fjord_mgl_tbl", None)
+                    .map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?;
+                with_mmap(&inner, m, true, key, |slots| {
+                    for (s, &idx) in slots.iter_mut().zip(fe.maglev.iter()) {
+                        *s = p.index_ids[idx as usize];
+                    }
+                })?;
+                Ok((Some(inner), previous))
+            })();
+            match res {
+                Ok((inner, previous)) => {
+                    p.inner = inner;
+                    p.previous = previous;
+                }
+                Err(e) => {
+                    self.abort(p);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Switches the prepared tables in (replace in place under the service id).
+    fn switch_tables(&self, prepared: &mut [Prepared]) -> Vec<Result<()>> {
+        let todo: Vec<usize> = (0..prepared.len()).filter(|&i| prepared[i].inner.is_some()).collect();
+        let mut results: Vec<Result<()>> = (0..prepared.len()).map(|_| Ok(())).collect();
+        if todo.is_empty() {
+            return results;
+        }
+        let threads = todo.len().clamp(1, 64);
+        let chunk = todo.len().div_ceil(threads);
+        let pin = self.cfg.pin_dir.join(MAP_MAGLEV);
+        let shared: &[Prepared] = prepared;
+        let outcome: Vec<(usize, Result<()>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = todo
+                .chunks(chunk)
+                .map(|idxs| {
+                    let pin = pin.clone();
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        let handle = MapData::from_pin(&pin)
+                            .map_err(map_err(MAP_MAGLEV, format!("open {}", pin.display())))
+                            .and_then(|md| {
+                                HashOfMaps::<MapData, u32, MapData>::try_from(Map::HashOfMaps(md))
+                                    .map_err(map_err(MAP_MAGLEV, "open as hash of maps"))
+                            });
+                        let mut handle = match handle {
+                            Ok(h) => h,
+                            Err(e) => {
+                                let msg = e.to_string();
+                                for &i in idxs {
+                                    out.push((i, Err(DatapathError::Map {
+                                        map: MAP_MAGLEV,
+                                        op: msg.clone(),
+                                        source: Box::new(MapError::KeyNotFound),
+                                    })));
+                                }
+                                return out;
+                            }
+                        };
+                        for &i in idxs {
+                            let p = &shared[i];
+                            let r = handle
+                                .insert(p.table_id, p.inner.as_ref().expect("has table"), 0)
+                                .map_err(map_err(MAP_MAGLEV, format!("switch table {} of {}", p.table_id, p.key)));
+                            out.push((i, r));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("table switch thread")).collect()
+        });
+        for (i, r) in outcome {
+            if r.is_ok() {
+                prepared[i].switched = true;
+            }
+            results[i] = r;
+        }
+        results
+    }
+
+    /// Writes rev-NAT + service entry and updates the bookkeeping. On error the
+    /// entry is restored to its previous state.
+    fn commit(&mut self, p: Prepared) -> Result<()> {
+        let key = p.key;
+        let is_new = p.existing.is_none();
+        let res = (|| -> Result<()> {
+            if is_new {
+                self.revnat_map
+                    .insert(p.service_id, RevNat::new(&key), 0)
+                    .map_err(map_err(MAP_REVNAT, format!("insert rev-nat for {key}")))?;
+            }
+            let v = SvcValue { service_id: p.service_id, table_id: p.table_id, backend_count: p.backend_count, flags: 0 };
+            let unchanged = p.existing.as_ref().is_some_and(|s| {
+                s.table_id == p.table_id && s.backend_ids.len() == p.index_ids.iter().collect::<HashSet<_>>().len()
+            }) && p.inner.is_none();
+            if !unchanged || is_new {
+                if let Err(e) = self.services_map.insert(SvcKey::new(&key), v, 0) {
+                    if is_new {
+                        let _ = self.revnat_map.remove(&p.service_id);
+                    }
+                    return Err(map_err(MAP_SERVICES, format!("switch service entry {key}"))(e));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            self.abort(p);
+            return Err(e);
+        }
+        if is_new {
+            self.reserved_services -= 1;
+        }
+        let mut new_ids: Vec<u32> = Vec::new();
+        let mut seen = HashSet::new();
+        for &id in &p.index_ids {
+            if seen.insert(id) {
+                new_ids.push(id);
+            }
+        }
+        for a in &p.uniq {
+            self.backends.get_mut(a).expect("present").1 += 1;
+        }
+        self.services.insert(
+            key,
+            SvcState { service: p.service.clone(), service_id: p.service_id, table_id: p.table_id, backend_ids: new_ids },
+        );
+        if let Some(old) = p.existing {
+            // the table was replaced in place, unless the service lost all backends
+            self.release(&old, p.table_id == NO_TABLE)?;
+        }
+        debug!(service = %p.service, frontend = %key, backends = p.backend_count, "service programmed");
+        Ok(())
+    }
+
+    fn abort_all(&mut self, prepared: Vec<Prepared>, reverse: bool) {
+        let mut prepared = prepared;
+        if reverse {
+            prepared.reverse();
+        }
+        for p in prepared {
+            self.abort(p);
+        }
+    }
+
+    /// Undoes prepare() (and a table switch, if it happened).
+    fn abort(&mut self, p: Prepared) {
+        if p.switched {
+            match &p.previous {
+                Some(old) => {
+                    let _ = self.maglev_map.insert(p.table_id, old, 0);
+                }
+                None => {
+                    let _ = self.maglev_map.remove(&p.table_id);
+                }
+            }
+        }
+        for (a, id) in p.added.iter().rev() {
+            let _ = self.backends_map.remove(id);
+            self.backends.remove(a);
+            self.free_backend_ids.push_front(*id);
+        }
+        if p.existing.is_none() {
+            self.reserved_services -= 1;
+            self.free_service_ids.push_front(p.service_id);
+        }
+    }
+
+    /// Drops the references of an old generation: its table and backends no longer used.
+    fn release(&mut self, old: &SvcState, remove_table: bool) -> Result<()> {
+        if remove_table && old.table_id != NO_TABLE {
+            self.maglev_map.remove(&old.table_id).map_err(map_err(MAP_MAGLEV, format!("remove old table {}", old.table_id)))?;
+        }
+        let rev: StdHashMap<u32, BackendAddr> = self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
+        for id in &old.backend_ids {
+            let Some(addr) = rev.get(id) else { continue };
+            let e = self.backends.get_mut(addr).expect("present");
+            e.1 -= 1;
+            if e.1 == 0 {
+                self.backends.remove(addr);
+                self.backends_map.remove(id).map_err(map_err(MAP_BACKENDS, format!("remove backend {addr}")))?;
+                self.free_backend_ids.push_back(*id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a frontend: new connections to it stop being translated; its
+    /// rev-NAT entry, table and unused backends are released.
+    pub fn delete(&mut self, key: &ServiceKey) -> Result<()> {
+        let Some(st) = self.services.get(key).cloned() else {
+            return Err(DatapathError::NotFound { key: *key });
+        };
+        self.services_map.remove(&SvcKey::new(key)).map_err(map_err(MAP_SERVICES, format!("remove {key}")))?;
+        self.services.remove(key);
+        self.revnat_map.remove(&st.service_id).map_err(map_err(MAP_REVNAT, format!("remove rev-nat of {key}")))?;
+        self.free_service_ids.push_back(st.service_id);
+        self.release(&st, true)?;
+        debug!(service = %st.service, frontend = %key, "service deleted");
+        Ok(())
+    }
+
+    fn link_pin(&self, iface: &str, ifindex: u32, dir: &str) -> PathBuf {
+        // bpffs rejects '.' in names: encode it
+        self.cfg.pin_dir.join("links").join(format!("{dir}-{ifindex}-{}", iface.replace('.', "%")))
+    }
+
+    /// (direction, ifindex, iface) of every pinned link.
+    fn pinned_links(&self) -> Vec<(String, u32, String, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(self.cfg.pin_dir.join("links")) else { return Vec::new() };
+        rd.flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                let mut it = n.splitn(3, '-');
+                let (dir, idx, iface) = (it.next()?, it.next()?.parse().ok()?, it.next()?);
+                if dir != "ingress" && dir != "egress" {
+                    return None;
+                }
+                Some((dir.to_string(), idx, iface.replace('%', "."), e.path()))
+            })
+            .collect()
+    }
+
+    /// Attaches fjord_from_pod (tc ingress) and fjord_to_pod (tc egress) to the
+    /// host-side veth `iface` in the calling thread's network namespace, as
+    /// TCX links pinned under `<pin_dir>/links/`. If fjord was attached before
+    /// (pinned link from a previous run), the program is replaced atomically:
+    /// no packet sees a detached interface.
+    pub fn attach(&mut self, iface: &str) -> Result<()> {
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|_| DatapathError::NoSuchInterface { iface: iface.into() })?;
+        for (prog, ty, dir) in [(PROG_FROM_POD, TcAttachType::Ingress, "ingress"), (PROG_TO_POD, TcAttachType::Egress, "egress")] {
+            let pin = self.link_pin(iface, ifindex, dir);
+            let p: &mut SchedClassifier = self.ebpf.program_mut(prog).expect("loaded").try_into().expect("classifier");
+            let perr = |op: &'static str| {
+                let iface = iface.to_string();
+                move |e: ProgramError| DatapathError::Program { program: prog, iface, op, source: Box::new(e) }
+            };
+            let mut replaced = false;
+            let link_id = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let fd: FdLink = old.into();
+                    let link: SchedClassifierLink = fd.try_into().map_err(|e: LinkError| DatapathError::Link {
+                        program: prog,
+                        iface: iface.into(),
+                        op: "re-open pinned link",
+                        source: Box::new(e),
+                    })?;
+                    replaced = true;
+                    p.attach_to_link(link).map_err(perr("replace program in pinned link"))?
+                }
+                Err(_) => p
+                    .attach_with_options(iface, ty, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map_err(perr("attach tcx link"))?,
+            };
+            let link = p.take_link(link_id).map_err(perr("take link"))?;
+            let fd: FdLink = link.try_into().map_err(|e: LinkError| DatapathError::Link {
+                program: prog,
+                iface: iface.into(),
+                op: "convert to fd link",
+                source: Box::new(e),
+            })?;
+            if replaced {
+                // already pinned at `pin`; dropping our fd keeps the pinned link
+                drop(fd);
+            } else {
+                fd.pin(&pin).map_err(|e| DatapathError::LinkPin { path: pin.clone(), op: "pin", source: io::Error::other(format!("{e:?}")) })?;
+            }
+            debug!(iface, ifindex, prog, replaced, "attached");
+        }
+        Ok(())
+    }
+
+    /// Detaches fjord from `iface` (current netns) by removing its pinned links.
+    /// If the interface is already gone, its stale pins are removed.
+    pub fn detach(&mut self, iface: &str) -> Result<()> {
+        let dir = self.cfg.pin_dir.join("links");
+        let mut found = false;
+        for (_, _, name, path) in self.pinned_links() {
+            if name == iface {
+                found = true;
+                // unpin and close: the tcx link (and the attachment) goes away
+                match PinnedLink::from_pin(&path) {
+                    Ok(l) => {
+                        l.unpin().map_err(|source| DatapathError::LinkPin { path: path.clone(), op: "unpin", source })?;
+                    }
+                    Err(_) => {
+                        std::fs::remove_file(&path).map_err(|source| DatapathError::LinkPin { path: path.clone(), op: "remove", source })?;
+                    }
+                }
+            }
+        }
+        if !found {
+            return Err(DatapathError::NotAttached { iface: iface.into(), dir });
+        }
+        Ok(())
+    }
+
+    /// Socket-level LB for processes in the cgroup v2 at `cgroup` (e.g. the
+    /// node's host-network processes): connect()/sendmsg() to a service go
+    /// straight to a Maglev-chosen backend, getpeername()/recvmsg() show the
+    /// VIP. Links are pinned as `links/sock-<cgroup inode>-<n>`; re-attaching
+    /// replaces them (there is a short window without translation).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let cerr = |source| DatapathError::Cgroup { path: cgroup.to_path_buf(), source };
+        let ino = std::fs::metadata(cgroup).map_err(cerr)?.ino();
+        let dir = std::fs::File::open(cgroup).map_err(cerr)?;
+        if self.sock.is_none() {
+            let mut ebpf = loader(&self.cfg)
+                .load(BPF_SOCK_OBJECT)
+                .map_err(|e| DatapathError::Load { pin_dir: self.cfg.pin_dir.clone(), source: Box::new(e) })?;
+            for name in SOCK_PROGS {
+                let p: &mut aya::programs::CgroupSockAddr =
+                    ebpf.program_mut(name).expect("compiled in").try_into().expect("cgroup sock_addr program");
+                p.load().map_err(|e| DatapathError::Program {
+                    program: sock_prog_name(name),
+                    iface: cgroup.display().to_string(),
+                    op: "load (verifier)",
+                    source: Box::new(e),
+                })?;
+            }
+            self.sock = Some(ebpf);
+        }
+        let _ = self.detach_cgroup(cgroup);
+        let links = self.cfg.pin_dir.join("links");
+        let ebpf = self.sock.as_mut().expect("loaded above");
+        for (n, name) in SOCK_PROGS.iter().enumerate() {
+            let p: &mut aya::programs::CgroupSockAddr = ebpf.program_mut(name).expect("loaded").try_into().expect("type");
+            let perr = |op: &'static str| {
+                let iface = cgroup.display().to_string();
+                move |e: ProgramError| DatapathError::Program { program: sock_prog_name(name), iface, op, source: Box::new(e) }
+            };
+            let id = p.attach(&dir, aya::programs::CgroupAttachMode::Single).map_err(perr("attach to cgroup"))?;
+            let link = p.take_link(id).map_err(perr("take link"))?;
+            let fd: FdLink = link.try_into().map_err(|e: LinkError| DatapathError::Link {
+                program: sock_prog_name(name),
+                iface: cgroup.display().to_string(),
+                op: "convert to fd link",
+                source: Box::new(e),
+            })?;
+            let pin = links.join(format!("sock-{ino}-{n}"));
+            fd.pin(&pin).map_err(|e| DatapathError::LinkPin { path: pin.clone(), op: "pin", source: io::Error::other(format!("{e:?}")) })?;
+        }
+        info!(cgroup = %cgroup.display(), "socket LB attached");
+        Ok(())
+    }
+
+    /// Detaches the socket LB from `cgroup` (removes its pinned links).
+    pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(cgroup).map_err(|source| DatapathError::Cgroup { path: cgroup.to_path_buf(), source })?.ino();
+        let dir = self.cfg.pin_dir.join("links");
+        let prefix = format!("sock-{ino}-");
+        let mut found = false;
+        let rd = std::fs::read_dir(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                found = true;
+                let path = e.path();
+                match PinnedLink::from_pin(&path) {
+                    Ok(l) => {
+                        l.unpin().map_err(|source| DatapathError::LinkPin { path: path.clone(), op: "unpin", source })?;
+                    }
+                    Err(_) => std::fs::remove_file(&path).map_err(|source| DatapathError::LinkPin { path: path.clone(), op: "remove", source })?,
+                }
+            }
+        }
+        if !found {
+            return Err(DatapathError::NotAttached { iface: cgroup.display().to_string(), dir });
+        }
+        Ok(())
+    }
+
+    /// Removes pinned links whose interface no longer exists in the calling
+    /// thread's netns (a pod's veth deleted without `detach`). Returns the
+    /// names of the interfaces pruned. Call at agent start and after pod GC.
+    pub fn prune_stale_links(&mut self) -> Result<Vec<String>> {
+        let mut pruned = Vec::new();
+        for (_, ifindex, name, path) in self.pinned_links() {
+            let current = nix::net::if_::if_nametoindex(name.as_str()).ok();
+            if current != Some(ifindex) {
+                match PinnedLink::from_pin(&path) {
+                    Ok(l) => {
+                        l.unpin().map_err(|source| DatapathError::LinkPin { path: path.clone(), op: "unpin", source })?;
+                    }
+                    Err(_) => {
+                        std::fs::remove_file(&path).map_err(|source| DatapathError::LinkPin { path: path.clone(), op: "remove", source })?;
+                    }
+                }
+                debug!(iface = %name, ifindex, "pruned stale link pin");
+                pruned.push(name);
+            }
+        }
+        pruned.sort();
+        pruned.dedup();
+        Ok(pruned)
+    }
+
+    /// Interfaces fjord is attached to (from the pinned links).
+    pub fn attached(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.pinned_links().into_iter().map(|(_, _, i, _)| i).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Entry counts and capacities of every map (for metrics and `fjordctl status`).
+    /// Counting walks the keys: O(entries), meant for periodic scraping.
+    pub fn map_stats(&self) -> Result<Vec<MapStats>> {
+        fn count<K: aya::Pod>(it: aya::maps::MapKeys<'_, K>, name: &'static str) -> Result<u32> {
+            let mut n = 0;
+            for k in it {
+                k.map_err(map_err(name, "iterate keys"))?;
+                n += 1;
+            }
+            Ok(n)
+        }
+        Ok(vec![
+            MapStats { name: MAP_SERVICES, kind: "hash", max_entries: self.cfg.max_services, entries: count(self.services_map.keys(), MAP_SERVICES)? },
+            MapStats { name: MAP_BACKENDS, kind: "hash", max_entries: self.cfg.max_backends, entries: count(self.backends_map.keys(), MAP_BACKENDS)? },
+            MapStats { name: MAP_MAGLEV, kind: "hash_of_maps", max_entries: self.max_tables, entries: count(self.maglev_map.keys(), MAP_MAGLEV)? },
+            MapStats { name: MAP_REVNAT, kind: "hash", max_entries: self.cfg.max_services, entries: count(self.revnat_map.keys(), MAP_REVNAT)? },
+            MapStats { name: MAP_CT, kind: "lru_hash", max_entries: self.cfg.ct_entries, entries: count(self.ct_map.keys(), MAP_CT)? },
+        ])
+    }
+
+    /// Datapath counters summed over CPUs.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        for s in Stat::ALL {
+            let v = self.stats_map.get(&(s as u32), 0).map_err(map_err(MAP_STATS, "read"))?;
+            out.insert(s.name(), v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    pub fn counter(&self, s: Stat) -> Result<u64> {
+        Ok(self.stats_map.get(&(s as u32), 0).map_err(map_err(MAP_STATS, "read"))?.iter().sum())
+    }
+
+    /// All conntrack entries (debugging/tests; O(entries)).
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        let mut v = Vec::new();
+        for item in self.ct_map.iter() {
+            v.push(item.map_err(map_err(MAP_CT, "iterate"))?);
+        }
+        Ok(v)
+    }
+
+    /// Removes every pinned map and link of this datapath (the node is being
+    /// torn down). Programs detach when the last reference goes away.
+    pub fn destroy(self) -> Result<()> {
+        let dir = self.cfg.pin_dir.clone();
+        drop(self);
+        remove_pins(&dir)
+    }
+}
+
+fn sock_prog_name(name: &str) -> &'static str {
+    SOCK_PROGS.iter().find(|p| **p == name).copied().unwrap_or("fjord_sock")
+}
+
+/// Removes a pin directory created by [`Datapath::load`] (maps and links).
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    let err = |source| DatapathError::PinDir { path: dir.to_path_buf(), source };
+    if !dir.exists() {
+        return Ok(());
+    }
+    let links = dir.join("links");
+    if links.exists() {
+        for e in std::fs::read_dir(&links).map_err(err)?.flatten() {
+            std::fs::remove_file(e.path()).map_err(err)?;
+        }
+        std::fs::remove_dir(&links).map_err(err)?;
+    }
+    for e in std::fs::read_dir(dir).map_err(err)?.flatten() {
+        std::fs::remove_file(e.path()).map_err(err)?;
+    }
+    std::fs::remove_dir(dir).map_err(err)
+}
+
+/// Kernel BPF arrays store each element in round_up(value_size, 8) bytes, so
+/// in the mmapped value area the u32 of slot i is at u32 index 2*i.
+const SLOT_STRIDE: usize = 2;
+
+/// Maps a Maglev table (an mmapable BPF array of `m` u32) and runs `f` on a
+/// plain slice of its slots; when `write` is set the slice is written back.
+fn with_mmap<R>(map: &MapData, m: u32, write: bool, key: ServiceKey, f: impl FnOnce(&mut [u32]) -> R) -> Result<R> {
+    let page = 4096usize;
+    let words = m as usize * SLOT_STRIDE;
+    let len = (words * 4).div_ceil(page) * page;
+    let prot = if write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE; the length is
+    // its value area (m elements of 8 bytes) rounded up to a page.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+    if ptr == libc::MAP_FAILED {
+        return Err(DatapathError::Mmap { key, source: io::Error::last_os_error() });
+    }
+    // SAFETY: ptr is a valid mapping of at least `words` u32s until munmap below.
+    let area = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u32, words) };
+    let mut slots: Vec<u32> = area.iter().step_by(SLOT_STRIDE).copied().collect();
+    let r = f(&mut slots);
+    if write {
+        for (i, v) in slots.iter().enumerate() {
+            area[i * SLOT_STRIDE] = *v;
+        }
+    }
+    // SAFETY: same ptr/len as mapped above; `area` is not used afterwards.
+    unsafe { libc::munmap(ptr, len) };
+    Ok(r)
+}
+
+fn pinned_max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
+    let md = match ebpf.map(name) {
+        Some(Map::HashMap(d)) | Some(Map::LruHashMap(d)) | Some(Map::HashOfMaps(d)) | Some(Map::Array(d)) => d,
+        _ => return Ok(0),
+    };
+    md.info().map(|i| i.max_entries()).map_err(map_err(name, "read map info"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapath_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Datapath>();
+        send::<DatapathError>();
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let ok = DatapathConfig::for_node("n1");
+        assert_eq!(ok.pin_dir, Path::new("/sys/fs/bpf/fjord/n1"));
+        ok.validate().unwrap();
+        for (cfg, field) in [
+            (DatapathConfig { maglev_size: 16383, ..ok.clone() }, "maglev_size"),
+            (DatapathConfig { max_services: 0, ..ok.clone() }, "max_services"),
+            (DatapathConfig { max_backends: 0, ..ok.clone() }, "max_backends"),
+            (DatapathConfig { ct_entries: 1, ..ok.clone() }, "ct_entries"),
+        ] {
+            let e = cfg.validate().unwrap_err();
+            assert!(matches!(&e, DatapathError::Config { field: f, .. } if *f == field), "{e}");
+            assert!(e.to_string().contains(field), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_object_contains_every_map_and_program() {
+        let obj = aya_obj::Object::parse(BPF_OBJECT).expect("parse the compiled object");
+        for m in ALL_MAPS {
+            assert!(obj.maps.contains_key(m), "map {m} missing from bpf/fjord_lb.c");
+        }
+        for p in [PROG_FROM_POD, PROG_TO_POD] {
+            assert!(obj.programs.contains_key(p), "program {p} missing");
+        }
+        let sock = aya_obj::Object::parse(BPF_SOCK_OBJECT).expect("parse the socket-LB object");
+        for p in SOCK_PROGS {
+            assert!(sock.programs.contains_key(p), "program {p} missing from bpf/fjord_sock.c");
+        }
+        for m in ALL_MAPS {
+            assert!(sock.maps.contains_key(m), "map {m} missing from the socket-LB object");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Map programming against the real kernel (no packets): capacity limits,
+//! bad input, and "nothing half-applied". Pins live in a unique bpffs dir.
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use common::*;
+use fjord_datapath::{Datapath, DatapathConfig, DatapathError};
+use fjord_lb::{translate, Backend, BackendAddr, Frontend, FrontendEntries, LbConfig, Protocol, Service, ServiceKey};
+
+fn svc(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, backends: &[[u8; 4]], m: u32) -> FrontendEntries {
+    let s = Service {
+        name: name.into(),
+        frontends: vec![Frontend {
+            vip: Ipv4Addr::from(vip),
+            port,
+            protocol,
+            backends: backends.iter().map(|b| Backend::ready(Ipv4Addr::from(*b), 8080)).collect(),
+        }],
+    };
+    translate(&s, &LbConfig { maglev_size: m, ..LbConfig::default() }).unwrap().remove(0)
+}
+
+fn small(pins: &PinDir) -> DatapathConfig {
+    DatapathConfig { maglev_size: 251, max_services: 2, max_backends: 4, ct_entries: 1024, ..pins.config() }
+}
+
+#[test]
+fn capacity_and_bad_input_leave_maps_unchanged() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let mut dp = Datapath::load(small(&pins)).expect("load");
+    let a = svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5], [10, 244, 1, 6]], 251);
+    let b = svc("default/b", [10, 96, 0, 2], 80, Protocol::Tcp, &[[10, 244, 1, 7], [10, 244, 1, 8]], 251);
+    dp.upsert(&a).unwrap();
+    dp.upsert(&b).unwrap();
+    let stats = dp.map_stats().unwrap();
+    let table_a = dp.maglev_table(&a.key).unwrap();
+
+    // a third frontend does not fit fjord_services
+    let c = svc("default/c", [10, 96, 0, 3], 80, Protocol::Tcp, &[[10, 244, 1, 5]], 251);
+    let e = dp.upsert(&c).unwrap_err();
+    assert!(matches!(e, DatapathError::ServicesFull { max: 2, .. }), "{e}");
+    assert!(e.to_string().contains("default/c") && e.to_string().contains("max_services"), "{e}");
+    assert_eq!(dp.map_stats().unwrap(), stats);
+
+    // a new backend for a does not fit fjord_backends (4 in use)
+    let a2 = svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5], [10, 244, 1, 6], [10, 244, 1, 9]], 251);
+    let e = dp.upsert(&a2).unwrap_err();
+    assert!(matches!(e, DatapathError::BackendsFull { needed: 1, free: 0, max: 4, .. }), "{e}");
+    assert!(e.to_string().contains("10.96.0.1:80/TCP") && e.to_string().contains("max_backends"), "{e}");
+    assert_eq!(dp.map_stats().unwrap(), stats, "nothing half-applied");
+    assert_eq!(dp.maglev_table(&a.key).unwrap(), table_a, "a keeps its old table");
+
+    // a table built for another Maglev size
+    let wrong = svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5]], 1021);
+    let e = dp.upsert(&wrong).unwrap_err();
+    assert!(matches!(e, DatapathError::TableSize { got: 1021, want: 251, .. }), "{e}");
+    // a table pointing past the backend list
+    let mut bad = a.clone();
+    bad.maglev[7] = 9;
+    assert!(matches!(dp.upsert(&bad), Err(DatapathError::BadTable { slot: 7, index: 9, .. })));
+    // a UDP backend behind a TCP frontend
+    let mut mixed = a.clone();
+    mixed.backends[0] = BackendAddr { protocol: Protocol::Udp, ..mixed.backends[0] };
+    assert!(matches!(dp.upsert(&mixed), Err(DatapathError::ProtocolMismatch { .. })));
+    // unknown protocol never gets this far
+    assert!("SCTP".parse::<Protocol>().unwrap_err().to_string().contains("SCTP"));
+    // deleting what is not there
+    let k = ServiceKey { vip: Ipv4Addr::new(10, 96, 9, 9), port: 80, protocol: Protocol::Udp };
+    assert!(matches!(dp.delete(&k), Err(DatapathError::NotFound { .. })));
+    assert_eq!(dp.map_stats().unwrap(), stats);
+
+    // batches are validated as a whole: one bad entry, nothing applied
+    let c2 = svc("default/c", [10, 96, 0, 3], 80, Protocol::Tcp, &[[10, 244, 1, 5]], 251);
+    let e = dp.upsert_many(&[a.clone(), c2.clone()]).unwrap_err();
+    assert!(matches!(e, DatapathError::ServicesFull { .. }), "{e}");
+    let e = dp.upsert_many(&[a.clone(), a.clone()]).unwrap_err();
+    assert!(matches!(e, DatapathError::DuplicateInBatch { .. }), "{e}");
+    assert!(e.to_string().contains("default/a"), "{e}");
+    assert_eq!(dp.map_stats().unwrap(), stats);
+    assert_eq!(dp.maglev_table(&a.key).unwrap(), table_a);
+
+    // shrinking a to one backend releases the other; deleting b releases b's
+    let a1 = svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5]], 251);
+    dp.upsert(&a1).unwrap();
+    dp.delete(&b.key).unwrap();
+    let s = dp.map_stats().unwrap();
+    let n = |name: &str| s.iter().find(|m| m.name == name).unwrap().entries;
+    assert_eq!((n("fjord_services"), n("fjord_backends"), n("fjord_maglev"), n("fjord_revnat")), (1, 1, 1, 1));
+    // the freed slots are usable again
+    dp.upsert(&c).unwrap();
+    dp.upsert(&b).unwrap_err(); // services full again (a, c)
+    drop(dp);
+
+    // restarting with other sizes on the same pins is refused, naming the setting
+    let e = Datapath::load(DatapathConfig { maglev_size: 1021, ..small(&pins) }).unwrap_err();
+    assert!(matches!(e, DatapathError::PinnedMismatch { field: "maglev_size", pinned: 251, requested: 1021, .. }), "{e}");
+    let e = Datapath::load(DatapathConfig { max_services: 3, ..small(&pins) }).unwrap_err();
+    assert!(e.to_string().contains("max_services"), "{e}");
+    // invalid config
+    let e = Datapath::load(DatapathConfig { maglev_size: 1000, ..small(&pins) }).unwrap_err();
+    assert!(matches!(e, DatapathError::Config { field: "maglev_size", .. }), "{e}");
+    // same config: state recovered
+    let dp = Datapath::load(small(&pins)).unwrap();
+    assert_eq!(dp.services().len(), 2);
+    dp.destroy().unwrap();
+    assert!(!pins.0.exists());
+}
+
+/// Bench: time to program many services. Run with
+/// `cargo test -p fjord-datapath --test maps -- --ignored --nocapture program_many`
+/// (FJTDP_SERVICES, FJTDP_MAGLEV, FJTDP_BACKENDS override the defaults 10000, 1021, 3).
+#[test]
+#[ignore]
+fn program_many_services() {
+    let _l = kernel_lock();
+    let env = |k: &str, d: u32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (n, m, nb) = (env("FJTDP_SERVICES", 10000), env("FJTDP_MAGLEV", 1021), env("FJTDP_BACKENDS", 3));
+    let pins = PinDir::new();
+    let cfg = DatapathConfig { maglev_size: m, max_services: n, max_backends: n * nb, ct_entries: 1024, ..pins.config() };
+    let mut dp = Datapath::load(cfg).expect("load");
+    let make = |nb: u32| -> Vec<FrontendEntries> {
+        (0..n)
+            .map(|i| {
+                let vip = [10, 96, (i >> 8) as u8, i as u8];
+                let bs: Vec<[u8; 4]> = (0..nb).map(|j| [10, 244, (i % 250) as u8, (j + 2) as u8]).collect();
+                svc("bench/s", vip, 80, Protocol::Tcp, &bs, m)
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let entries = make(nb);
+    let changed = make(nb - 1);
+    let t_translate = t.elapsed() / 2;
+    let per = |d: std::time::Duration, k: u32| d.as_micros() as f64 / k as f64;
+    let t = Instant::now();
+    dp.upsert_many(&entries).unwrap();
+    let t_fresh = t.elapsed();
+    let t = Instant::now();
+    dp.upsert_many(&entries).unwrap();
+    let t_same = t.elapsed();
+    let t = Instant::now();
+    dp.upsert_many(&changed).unwrap();
+    let t_changed = t.elapsed();
+    let k = n.min(200);
+    let t = Instant::now();
+    for e in &entries[..k as usize] {
+        dp.upsert(e).unwrap();
+    }
+    let t_single = t.elapsed();
+    println!("services={n} maglev={m} backends/service={nb}");
+    println!("  translate (fjord-lb, Maglev)      {t_translate:?} ({:.1} µs/svc)", per(t_translate, n));
+    println!("  upsert_many, fresh                {t_fresh:?} ({:.1} µs/svc)", per(t_fresh, n));
+    println!("  upsert_many, unchanged (resync)   {t_same:?} ({:.1} µs/svc)", per(t_same, n));
+    println!("  upsert_many, one backend removed  {t_changed:?} ({:.1} µs/svc)", per(t_changed, n));
+    println!("  upsert one at a time, changed     {t_single:?} for {k} ({:.1} µs/svc)", per(t_single, k));
+    println!("{:?}", dp.map_stats().unwrap());
+    dp.destroy().unwrap();
+}
