@@ -172,7 +172,7 @@ async fn exhausted_pod_cidr_is_a_clear_cni_error_not_a_hang() {
     let node_ns = netns::create(&ns).unwrap();
     let socket = tmp.path().join("a.sock");
     let mut cmd = Command::new(bin_dir().join("fjord-agent"));
-    cmd.args(["--node", "tiny", "--pod-cidr", "10.244.7.0/29", "--metrics-addr", "none"])
+    cmd.args(["--node", "tiny", "--pod-cidr", "10.244.7.0/29", "--metrics-addr", "none", "--datapath", "off"])
         .arg("--store")
         .arg(format!("embedded:{}", tmp.path().join("s.redb").display()))
         .arg("--api-socket")

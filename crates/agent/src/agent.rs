@@ -30,6 +30,12 @@ pub struct Agent {
     pub nodes: Arc<crate::cluster::NodeView>,
     /// Probes to the other nodes.
     pub health: Arc<crate::health::HealthView>,
+    /// The eBPF service datapath, once loaded (absent with --datapath off or if loading failed).
+    pub datapath: std::sync::OnceLock<Arc<Mutex<fjord_datapath::Datapath>>>,
+    /// Why the datapath is not loaded, if it is not.
+    pub datapath_error: Mutex<Option<String>>,
+    /// Service controller state.
+    pub services: crate::services::ServiceView,
     /// Serializes ADD/DEL/GC/zombie cleanup on this node.
     cni_lock: tokio::sync::Mutex<()>,
     /// Last address given (round-robin cursor).
@@ -64,6 +70,9 @@ impl Agent {
             routing: routing.to_string(),
             nodes: Arc::new(crate::cluster::NodeView::default()),
             health: Arc::new(crate::health::HealthView::default()),
+            datapath: std::sync::OnceLock::new(),
+            datapath_error: Mutex::new(None),
+            services: crate::services::ServiceView::default(),
             cni_lock: tokio::sync::Mutex::new(()),
             cursor: Mutex::new(None),
             deleting: Mutex::new(HashSet::new()),
@@ -206,7 +215,14 @@ impl Agent {
                 return Err(CniError::new(code::TRY_AGAIN_LATER, "could not allocate a pod address: the store kept changing underneath"));
             }
         };
-        match plumbing::setup(&self.nl, &netns_path, &host_veth, &req.ifname, att.ip, att.gateway, mtu).await {
+        let plumbed = match plumbing::setup(&self.nl, &netns_path, &host_veth, &req.ifname, att.ip, att.gateway, mtu).await {
+            Ok(x) => match self.attach_datapath(&host_veth).await {
+                Ok(()) => Ok(x),
+                Err(e) => Err(e.context("attaching the service datapath to the pod's veth")),
+            },
+            Err(e) => Err(e),
+        };
+        match plumbed {
             Ok((host_mac, pod)) => {
                 self.metrics.ipam_allocated.inc();
                 self.metrics.attachments.inc();
@@ -222,6 +238,62 @@ impl Agent {
                 Err(CniError::new(code::PLUMBING_FAILED, format!("could not set up {} in {}", req.ifname, netns_path.display())).details(format!("{e:#}")))
             }
         }
+    }
+
+    pub async fn datapath_status(&self) -> DatapathStatus {
+        let last_sync = *self.services.last_sync.lock().unwrap();
+        let mut st = DatapathStatus {
+            frontends: *self.services.frontends.lock().unwrap() as u64,
+            backends: *self.services.backends.lock().unwrap() as u64,
+            last_sync_ms_ago: last_sync.map(|(t, _)| t.elapsed().as_millis() as u64),
+            last_sync_duration_us: last_sync.map(|(_, d)| d.as_micros() as u64),
+            last_error: self.services.last_error.lock().unwrap().clone(),
+            ..Default::default()
+        };
+        let Some(dp) = self.datapath.get().cloned() else {
+            st.kube_proxy_replacement = format!("Disabled ({})", self.datapath_error.lock().unwrap().clone().unwrap_or_else(|| "datapath not loaded".into()));
+            return st;
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            let dp = dp.lock().unwrap();
+            (dp.config().pin_dir.display().to_string(), dp.attached(), dp.map_stats(), dp.counters())
+        })
+        .await;
+        match r {
+            Ok((pin, attached, maps, counters)) => {
+                st.pin_dir = pin;
+                st.attached = attached;
+                match (maps, counters) {
+                    (Ok(m), Ok(c)) => {
+                        st.maps = m.into_iter().map(|m| MapStatus { name: m.name.into(), kind: m.kind.into(), max_entries: m.max_entries, entries: m.entries }).collect();
+                        st.counters = c.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                        st.kube_proxy_replacement = "OK".into();
+                    }
+                    (Err(e), _) | (_, Err(e)) => st.kube_proxy_replacement = format!("Degraded (reading maps failed: {e})"),
+                }
+            }
+            Err(e) => st.kube_proxy_replacement = format!("Degraded ({e})"),
+        }
+        st
+    }
+
+    /// Attach the service datapath to a pod's host veth (no-op without a datapath).
+    pub async fn attach_datapath(&self, veth: &str) -> anyhow::Result<()> {
+        let Some(dp) = self.datapath.get().cloned() else { return Ok(()) };
+        let veth = veth.to_string();
+        tokio::task::spawn_blocking(move || dp.lock().unwrap().attach(&veth)).await??;
+        Ok(())
+    }
+
+    async fn detach_datapath(&self, veth: &str) {
+        let Some(dp) = self.datapath.get().cloned() else { return };
+        let veth = veth.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut dp = dp.lock().unwrap();
+            let _ = dp.detach(&veth);
+            let _ = dp.prune_stale_links();
+        })
+        .await;
     }
 
     fn mark_deleting(&self, veth: &str, on: bool) {
@@ -265,6 +337,7 @@ impl Agent {
         let att = self.attachment(cid, ifname).await?;
         let host_veth = att.as_ref().map_or_else(|| host_veth_name(cid, ifname), |a| a.host_veth.clone());
         self.mark_deleting(&host_veth, true);
+        self.detach_datapath(&host_veth).await;
         let r = self.nl.delete_link(&host_veth).await;
         self.mark_deleting(&host_veth, false);
         r.map_err(|e| CniError::new(code::IO_FAILURE, format!("could not delete {host_veth}")).details(e.to_string()))?;
@@ -339,6 +412,7 @@ impl Agent {
                 if !veth_gone {
                     let _ = self.nl.delete_link(&att.host_veth).await;
                 }
+                self.detach_datapath(&att.host_veth).await;
                 self.release(&att).await?;
                 self.metrics.zombies_cleaned.inc();
                 warn!(
@@ -357,6 +431,7 @@ impl Agent {
         let rtt = t0.elapsed();
         let ipam = self.ipam_status().await?;
         let attachments = self.attachments().await?.len() as u32;
+        let datapath = self.datapath_status().await;
         Ok(AgentStatus {
             node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -376,6 +451,7 @@ impl Agent {
             last_route_sync_ms_ago: self.nodes.last_sync.lock().unwrap().map(|(t, _)| t.elapsed().as_millis() as u64),
             last_route_error: self.nodes.last_error.lock().unwrap().clone(),
             health: self.health.peers.lock().unwrap().values().cloned().collect(),
+            datapath: Some(datapath),
         })
     }
 

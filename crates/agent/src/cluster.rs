@@ -64,7 +64,7 @@ pub async fn allocate_pod_cidr(store: &dyn Store, node: &str, cluster: Ipv4Net, 
 
 /// Register the node under a lease and keep it alive; re-register if the lease
 /// is lost (e.g. the store was down longer than the TTL).
-pub async fn keep_registered(store: Arc<dyn Store>, record: NodeRecord, ttl: Duration) {
+pub async fn keep_registered(store: Arc<dyn Store>, record: NodeRecord, ttl: Duration, lease_out: Arc<std::sync::atomic::AtomicI64>) {
     let key = keys::node(&record.name);
     let value = serde_json::to_vec(&record).expect("node record serializes");
     let mut lease: Option<LeaseId> = None;
@@ -78,6 +78,7 @@ pub async fn keep_registered(store: Arc<dyn Store>, record: NodeRecord, ttl: Dur
                     store.put(&key, value.clone(), Some(l)).await?;
                     info!(node = %record.name, lease = l, ttl_s = ttl.as_secs(), "node registered");
                     lease = Some(l);
+                    lease_out.store(l, std::sync::atomic::Ordering::Relaxed);
                     Ok(())
                 }
             }

@@ -7,3 +7,4 @@ pub mod ipam;
 pub mod metrics;
 pub mod plumbing;
 pub mod server;
+pub mod services;

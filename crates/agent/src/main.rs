@@ -5,6 +5,7 @@ use fjord_agent::cluster::{self, Routing};
 use fjord_agent::{agent, ipam, server};
 use fjord_net::{netns, Netlink};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -49,6 +50,26 @@ struct Args {
     /// every other node's routing after this long.
     #[arg(long, env = "FJORD_NODE_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     node_lease_ttl: Duration,
+    /// The eBPF kube-proxy replacement: on (load and attach the datapath; fail if it cannot)
+    /// or off (pods only, no Services).
+    #[arg(long, env = "FJORD_DATAPATH", default_value = "on", value_parser = ["on", "off"])]
+    datapath: String,
+    /// bpffs directory for this node's pinned maps and links (default /sys/fs/bpf/fjord/<node>).
+    /// An agent restart re-uses what is pinned there, so flows survive it.
+    #[arg(long, env = "FJORD_BPF_PIN_DIR")]
+    bpf_pin_dir: Option<PathBuf>,
+    /// Capacity of the service map (service frontends: VIP × port).
+    #[arg(long, env = "FJORD_MAX_SERVICES", default_value_t = 1024)]
+    max_services: u32,
+    /// Maglev table size per frontend (prime; the same on every node).
+    #[arg(long, env = "FJORD_MAGLEV_TABLE_SIZE", default_value_t = 16381)]
+    maglev_table_size: u32,
+    /// Conntrack entries (LRU: a full table evicts the oldest flows, never refuses new ones).
+    #[arg(long, env = "FJORD_CT_ENTRIES", default_value_t = 262144)]
+    ct_entries: u32,
+    /// The Service CIDR: ClusterIPs are allocated from it.
+    #[arg(long, env = "FJORD_SERVICE_CIDR", default_value = "10.96.0.0/16")]
+    service_cidr: ipnet::Ipv4Net,
     /// How often to probe every other node (ICMP echo + TCP connect to port 4240).
     #[arg(long, env = "FJORD_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     health_interval: Duration,
@@ -196,7 +217,37 @@ async fn run(args: Args) -> Result<()> {
         capabilities: vec!["cni".into()],
     };
     record.vtep_mac = cluster::RouteSync::prepare(&nl, args.routing, &record, &underlay_dev).await.context("setting up the overlay")?;
-    tokio::spawn(cluster::keep_registered(store.clone(), record.clone(), args.node_lease_ttl));
+    let lease = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    tokio::spawn(cluster::keep_registered(store.clone(), record.clone(), args.node_lease_ttl, lease.clone()));
+    if args.datapath == "on" {
+        let mut cfg = fjord_datapath::DatapathConfig::for_node(&args.node);
+        if let Some(d) = &args.bpf_pin_dir {
+            cfg.pin_dir = d.clone();
+        }
+        cfg.max_services = args.max_services;
+        cfg.maglev_size = args.maglev_table_size;
+        cfg.ct_entries = args.ct_entries;
+        let pin_dir = cfg.pin_dir.clone();
+        let names: Vec<String> = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?.into_iter().map(|a| a.host_veth).collect();
+        let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<fjord_datapath::Datapath> {
+            let mut dp = fjord_datapath::Datapath::load(cfg)?;
+            for n in &names {
+                dp.attach(n).with_context(|| format!("re-attaching to {n}"))?;
+            }
+            let pruned = dp.prune_stale_links()?;
+            if !pruned.is_empty() {
+                info!(?pruned, "removed pinned links of interfaces that are gone");
+            }
+            Ok(dp)
+        })
+        .await?
+        .with_context(|| format!("loading the eBPF datapath (pins in {}); --datapath off runs without Services", pin_dir.display()))?;
+        info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded: KubeProxyReplacement OK");
+        let _ = agent.datapath.set(Arc::new(std::sync::Mutex::new(dp)));
+    } else {
+        *agent.datapath_error.lock().unwrap() = Some("--datapath off".into());
+    }
+    tokio::spawn(fjord_agent::services::run(agent.clone(), agent.datapath.get().cloned(), lease.clone()));
     let sync = cluster::RouteSync { me: record, routing: args.routing, underlay_dev: underlay_dev.clone(), nl: nl.clone(), view: agent.nodes.clone() };
     tokio::spawn(sync.run(store.clone()));
     if let Some(addr) = addresses.first().copied() {
@@ -216,7 +267,12 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(agent::run_zombie_reaper(agent.clone(), args.zombie_sweep_interval));
 
     let netns_label = std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default();
-    let app = server::router(server::Ctx { agent: agent.clone(), netns_label });
+    let app = server::router(server::Ctx {
+        agent: agent.clone(),
+        netns_label,
+        validation: fjord_model::objects::ValidationContext { service_cidr: args.service_cidr },
+        max_services: (args.datapath == "on").then_some(args.max_services as usize),
+    });
     if let Some(dir) = args.api_socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

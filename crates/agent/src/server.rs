@@ -14,6 +14,13 @@ use std::sync::Arc;
 pub struct Ctx {
     pub agent: Arc<Agent>,
     pub netns_label: String,
+    pub validation: fjord_model::objects::ValidationContext,
+    pub max_services: Option<usize>,
+}
+
+fn parse(c: &Ctx, b: &[u8]) -> Result<Vec<fjord_model::objects::Object>, ApiErr> {
+    let req: ManifestRequest = body(b)?;
+    fjord_model::objects::parse_manifests(&req.manifest, &c.validation).map_err(|e| ApiErr(CniError::new(code::INVALID_CONFIG, e.to_string())))
 }
 
 pub struct ApiErr(pub CniError);
@@ -81,6 +88,31 @@ pub fn router(ctx: Ctx) -> Router {
                 c.agent.cni_status().await?;
                 R::<serde_json::Value>::Ok(Json(serde_json::json!({})))
             }),
+        )
+        .route(
+            "/v1/apply",
+            post(|State(c): State<Ctx>, b: axum::body::Bytes| async move {
+                let objs = parse(&c, &b)?;
+                let applied = crate::services::apply(&c.agent, &c.validation, objs, c.max_services).await?;
+                R::<ManifestResponse>::Ok(Json(ManifestResponse { objects: applied.iter().map(|o| o.key()).collect(), missing: vec![] }))
+            }),
+        )
+        .route(
+            "/v1/delete",
+            post(|State(c): State<Ctx>, b: axum::body::Bytes| async move {
+                let objs = parse(&c, &b)?;
+                let missing = crate::services::delete(&c.agent, &objs).await?;
+                let objects = objs.iter().map(|o| o.key()).filter(|k| !missing.contains(k)).collect();
+                R::<ManifestResponse>::Ok(Json(ManifestResponse { objects, missing }))
+            }),
+        )
+        .route(
+            "/v1/services",
+            get(|State(c): State<Ctx>| async move { R::<Vec<fjord_model::objects::Service>>::Ok(Json(crate::services::list_services(c.agent.store.as_ref()).await?)) }),
+        )
+        .route(
+            "/v1/endpointslices",
+            get(|State(c): State<Ctx>| async move { R::<Vec<fjord_model::objects::EndpointSlice>>::Ok(Json(crate::services::list_slices(c.agent.store.as_ref()).await?)) }),
         )
         .route("/v1/attachments", get(|State(c): State<Ctx>| async move { R::<Vec<Attachment>>::Ok(Json(c.agent.attachments().await?)) }))
         .route(

@@ -165,6 +165,20 @@ impl AgentClient {
     pub async fn delete_pod(&self, ns: &str, name: &str) -> Result<Pod> {
         self.call(Method::DELETE, &format!("/v1/pods/{ns}/{name}"), None::<&()>).await
     }
+    pub async fn apply(&self, manifest: &str) -> Result<ManifestResponse> {
+        self.call(Method::POST, "/v1/apply", Some(&ManifestRequest { manifest: manifest.into() })).await
+    }
+    pub async fn delete_objects(&self, manifest: &str) -> Result<ManifestResponse> {
+        self.call(Method::POST, "/v1/delete", Some(&ManifestRequest { manifest: manifest.into() })).await
+    }
+    /// Services as stored (Kubernetes shape, JSON).
+    pub async fn services(&self) -> Result<Vec<serde_json::Value>> {
+        self.call(Method::GET, "/v1/services", None::<&()>).await
+    }
+    /// EndpointSlices as stored (Kubernetes shape, JSON).
+    pub async fn endpointslices(&self) -> Result<Vec<serde_json::Value>> {
+        self.call(Method::GET, "/v1/endpointslices", None::<&()>).await
+    }
     pub async fn metrics(&self) -> Result<String> {
         let (_, body) = self.raw(Method::GET, "/metrics", None::<&()>).await?;
         Ok(String::from_utf8_lossy(&body).into_owned())

@@ -299,6 +299,8 @@ pub fn start_agent(bin_dir: &Path, node: &NodeState) -> Result<u32> {
     if !node.routing.is_empty() {
         cmd.arg("--routing").arg(&node.routing);
     }
+    // Pins per cluster and node, so clusters never share eBPF maps; `cluster down` removes them.
+    cmd.arg("--bpf-pin-dir").arg(bpf_pin_dir(&node.dir, &node.name));
     // Short leases in the dev cluster, so a dead node leaves quickly.
     cmd.arg("--node-lease-ttl").arg("5s")
         .arg("--api-socket")
@@ -387,6 +389,15 @@ fn stop_pid(pid: u32, what: &str, signal: nix::sys::signal::Signal) -> Result<bo
     Ok(true)
 }
 
+/// bpffs directory of a dev-cluster node: /sys/fs/bpf/fjord/<cluster>/<node>, where the
+/// cluster is identified by its state directory's name.
+pub fn bpf_pin_dir(node_dir: &Path, node: &str) -> PathBuf {
+    let cluster = node_dir.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Path::new(BPF_ROOT).join(format!("dev-{cluster}")).join(node)
+}
+
+pub const BPF_ROOT: &str = "/sys/fs/bpf/fjord";
+
 /// Remove every namespace, process and file of cluster `name`. Works from the
 /// state file and, if that is gone, from the namespace prefix.
 pub async fn down(home: &Home, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
@@ -416,6 +427,12 @@ pub async fn down(home: &Home, name: &str, progress: &dyn Fn(&str)) -> Result<()
         netns::delete(&ns)?;
         progress(&format!("deleted namespace {ns}"));
     }
+    let pins = Path::new(BPF_ROOT).join(format!("dev-{name}"));
+    if pins.exists() {
+        std::fs::remove_dir_all(&pins).with_context(|| format!("removing eBPF pins {}", pins.display()))?;
+        progress(&format!("removed eBPF pins {}", pins.display()));
+    }
+    let _ = std::fs::remove_dir(BPF_ROOT); // only if no other cluster or node uses it
     let dir = home.cluster_dir(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;

@@ -33,9 +33,21 @@ enum Cmd {
     Pod(PodCmd),
     /// Health of every node's agent, store and IPAM (`--verbose` for details).
     Status(StatusArgs),
-    /// Show objects: `fjordctl get nodes`.
+    /// Show objects: nodes, services, endpoints.
     #[command(subcommand)]
     Get(GetCmd),
+    /// Create or update Services and EndpointSlices from multi-document YAML (or JSON).
+    /// All or nothing: one invalid object applies nothing and names the object, field and reason.
+    Apply {
+        /// File to read, or - for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete the objects named in a manifest.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
     /// Check that this machine can run fjord: kernel, eBPF features (probed by loading),
     /// BTF, bpffs, cgroup v2, JIT, virtualization, sysctls, memory for maps, etcd fsync.
     Preflight(fjord_nodetools::PreflightArgs),
@@ -57,6 +69,24 @@ enum BenchCmd {
 enum GetCmd {
     /// Nodes with addresses, PodCIDR, routing and health.
     Nodes {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Services (`svc`), optionally one by name.
+    #[command(alias = "svc", alias = "service")]
+    Services {
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Endpoints of services (from their EndpointSlices).
+    #[command(alias = "ep", alias = "endpointslices")]
+    Endpoints {
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -186,6 +216,35 @@ async fn run(cli: Cli) -> Result<i32> {
             let cl = home.resolve(cli.cluster.as_deref())?;
             get_nodes(&cl, output).await
         }
+        Cmd::Get(GetCmd::Services { name, namespace, output }) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            get_services(&cl, name.as_deref(), &namespace, output).await
+        }
+        Cmd::Get(GetCmd::Endpoints { name, namespace, output }) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            get_endpoints(&cl, name.as_deref(), &namespace, output).await
+        }
+        Cmd::Apply { file } => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            let text = read_manifest(&file)?;
+            let r = any_agent(&cl).await?.apply(&text).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for o in r.objects {
+                println!("{} configured", o.to_lowercase());
+            }
+            Ok(0)
+        }
+        Cmd::Delete { file } => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            let text = read_manifest(&file)?;
+            let r = any_agent(&cl).await?.delete_objects(&text).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for o in &r.objects {
+                println!("{} deleted", o.to_lowercase());
+            }
+            for o in &r.missing {
+                eprintln!("{} not found", o.to_lowercase());
+            }
+            Ok(if r.missing.is_empty() { 0 } else { 1 })
+        }
         Cmd::Preflight(a) => fjord_nodetools::run_preflight(&a),
         Cmd::Bench(BenchCmd::Fsync(a)) => fjord_nodetools::run_bench_fsync(&a),
         Cmd::Tune(a) => fjord_nodetools::run_tune(&a),
@@ -299,7 +358,7 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
                 v["agent"] = serde_json::json!(format!("UNREACHABLE: {e}"));
             }
         }
-        v["kubeProxyReplacement"] = serde_json::json!("Disabled (the eBPF service datapath is not wired into the agent yet)");
+        v["kubeProxyReplacement"] = serde_json::json!(v["status"]["datapath"]["kubeProxyReplacement"].as_str().unwrap_or("Unknown (agent unreachable)"));
         nodes.push(v);
     }
     let mut out = serde_json::json!({"cluster": cl.name, "store": cl.store, "routing": cl.routing, "nodes": nodes});
@@ -327,7 +386,31 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
                     s["lastRouteError"].as_str().map(|e| format!(", last error: {e}")).unwrap_or_default());
             }
         }
-        println!("  KubeProxyReplacement: {}", v["kubeProxyReplacement"].as_str().unwrap_or("?"));
+        let dp = &v["status"]["datapath"];
+        let kpr = dp["kubeProxyReplacement"].as_str().map(String::from).unwrap_or_else(|| v["kubeProxyReplacement"].as_str().unwrap_or("?").to_string());
+        println!("  KubeProxyReplacement: {kpr}");
+        if dp.is_object() && kpr == "OK" {
+            let att = dp["attached"].as_array().map_or(0, |a| a.len());
+            println!("    Hooks:            tc ingress+egress (TCX) on {att} pod veths; no iptables rules");
+            println!("    Services:         {} frontends, {} backends; last sync {}{}", dp["frontends"], dp["backends"],
+                dp["lastSyncMsAgo"].as_u64().map_or("never".into(), |ms| format!("{ms} ms ago")),
+                dp["lastSyncDurationUs"].as_u64().map_or(String::new(), |us| format!(" (took {:.2} ms)", us as f64 / 1000.0)));
+            if let Some(e) = dp["lastError"].as_str() {
+                println!("    Last error:       {e}");
+            }
+            if a.verbose {
+                println!("    Pins:             {}", dp["pinDir"].as_str().unwrap_or("?"));
+                println!("    Maps:");
+                for m in dp["maps"].as_array().cloned().unwrap_or_default() {
+                    let (n, max) = (m["entries"].as_u64().unwrap_or(0), m["maxEntries"].as_u64().unwrap_or(0));
+                    println!("      {:<22} {:<14} {:>8}/{:<8} {:>5.1}%", m["name"].as_str().unwrap_or("?"), m["kind"].as_str().unwrap_or("?"), n, max, if max > 0 { n as f64 * 100.0 / max as f64 } else { 0.0 });
+                }
+                if let Some(c) = dp["counters"].as_object() {
+                    let line: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!("    Counters:         {}", line.join(" "));
+                }
+            }
+        }
         if a.verbose {
             if let Some(atts) = v.get("attachments").and_then(|x| x.as_array()) {
                 println!("  Attachments:");
@@ -461,4 +544,94 @@ fn print_health_matrix(nodes: &[serde_json::Value]) {
     if !slow.is_empty() {
         println!("  WARNING: RTT to {} is far above the rest (>3x the median)", slow.join(", "));
     }
+}
+
+fn read_manifest(file: &std::path::Path) -> Result<String> {
+    if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the manifest from stdin")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+}
+
+/// The first reachable agent (all agents share the cluster's store).
+async fn any_agent(cl: &fjordctl::context::ClusterState) -> Result<AgentClient> {
+    let mut last = None;
+    for n in &cl.nodes {
+        let c = AgentClient::new(&n.api_socket);
+        match c.healthz().await {
+            Ok(()) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+    }
+    bail!("no agent of cluster {} is reachable: {}", cl.name, last.map(|e| e.to_string()).unwrap_or_default())
+}
+
+async fn get_services(cl: &fjordctl::context::ClusterState, name: Option<&str>, ns: &str, output: Output) -> Result<i32> {
+    let all = any_agent(cl).await?.services().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sel: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|s| s["metadata"]["namespace"] == ns && name.is_none_or(|n| s["metadata"]["name"] == n))
+        .collect();
+    if let Some(n) = name {
+        if sel.is_empty() {
+            bail!("service {ns}/{n} not found");
+        }
+    }
+    if emit(output, &sel)? {
+        return Ok(0);
+    }
+    println!("{:<20} {:<10} {:<15} {:<16} PORT(S)", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP");
+    for s in sel {
+        let ports: Vec<String> = s["spec"]["ports"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        let np = p["nodePort"].as_u64().map(|n| format!(":{n}")).unwrap_or_default();
+                        format!("{}{np}/{}", p["port"], p["protocol"].as_str().unwrap_or("TCP"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ext: Vec<String> = s["spec"]["externalIPs"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default();
+        println!(
+            "{:<20} {:<10} {:<15} {:<16} {}",
+            s["metadata"]["name"].as_str().unwrap_or("?"),
+            s["spec"]["type"].as_str().unwrap_or("ClusterIP"),
+            s["spec"]["clusterIP"].as_str().unwrap_or("-"),
+            if ext.is_empty() { "<none>".to_string() } else { ext.join(",") },
+            ports.join(",")
+        );
+    }
+    Ok(0)
+}
+
+async fn get_endpoints(cl: &fjordctl::context::ClusterState, name: Option<&str>, ns: &str, output: Output) -> Result<i32> {
+    let all = any_agent(cl).await?.endpointslices().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let svc_of = |e: &serde_json::Value| e["metadata"]["labels"]["kubernetes.io/service-name"].as_str().unwrap_or("").to_string();
+    let sel: Vec<&serde_json::Value> = all.iter().filter(|e| e["metadata"]["namespace"] == ns && name.is_none_or(|n| svc_of(e) == n)).collect();
+    if emit(output, &sel)? {
+        return Ok(0);
+    }
+    let mut by_svc: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for e in &sel {
+        let ports: Vec<u64> = e["ports"].as_array().map(|p| p.iter().filter_map(|x| x["port"].as_u64()).collect()).unwrap_or_default();
+        for ep in e["endpoints"].as_array().cloned().unwrap_or_default() {
+            let ready = ep["conditions"]["ready"].as_bool().unwrap_or(true);
+            let term = ep["conditions"]["terminating"].as_bool().unwrap_or(false);
+            for a in ep["addresses"].as_array().cloned().unwrap_or_default() {
+                for p in &ports {
+                    let flag = if term { " (terminating)" } else if !ready { " (not ready)" } else { "" };
+                    by_svc.entry(svc_of(e)).or_default().push(format!("{}:{p}{flag}", a.as_str().unwrap_or("?")));
+                }
+            }
+        }
+    }
+    println!("{:<20} ENDPOINTS", "NAME");
+    for (s, eps) in by_svc {
+        println!("{s:<20} {}", eps.join(","));
+    }
+    Ok(0)
 }

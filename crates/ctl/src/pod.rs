@@ -68,6 +68,17 @@ fn cni_args(ns: &str, name: &str, cid: &str) -> Vec<(String, String)> {
 }
 
 pub async fn add(cluster: &ClusterState, node: Option<&str>, reference: &str, labels: BTreeMap<String, String>) -> Result<PodInfo> {
+    add_with_ports(cluster, node, reference, labels, BTreeMap::new()).await
+}
+
+/// Like [`add`], with named container ports (for Services' named targetPorts).
+pub async fn add_with_ports(
+    cluster: &ClusterState,
+    node: Option<&str>,
+    reference: &str,
+    labels: BTreeMap<String, String>,
+    ports: BTreeMap<String, u16>,
+) -> Result<PodInfo> {
     let (ns, name) = parse_ref(reference)?;
     let node = match node {
         Some(n) => cluster.node(n)?,
@@ -86,6 +97,7 @@ pub async fn add(cluster: &ClusterState, node: Option<&str>, reference: &str, la
         namespace: ns.clone(),
         name: name.clone(),
         labels,
+        ports,
         node: node.name.clone(),
         uid: random_id()?[..32].to_string(),
         container_id: Some(cid.clone()),

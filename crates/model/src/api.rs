@@ -102,6 +102,9 @@ pub struct Pod {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Named container ports (for Services' named targetPorts), e.g. {"http": 8080}.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
     pub node: String,
     #[serde(default)]
     pub uid: String,
@@ -230,6 +233,52 @@ pub struct AgentStatus {
     /// Probes from this node to every other node.
     #[serde(default)]
     pub health: Vec<PeerHealth>,
+    #[serde(default)]
+    pub datapath: Option<DatapathStatus>,
+}
+
+/// The eBPF kube-proxy replacement on one node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathStatus {
+    /// `OK`, or `Disabled (reason)`.
+    pub kube_proxy_replacement: String,
+    pub pin_dir: String,
+    /// Interfaces with fjord's tc programs (ingress + egress).
+    pub attached: Vec<String>,
+    pub maps: Vec<MapStatus>,
+    pub counters: BTreeMap<String, u64>,
+    pub frontends: u64,
+    pub backends: u64,
+    pub last_sync_ms_ago: Option<u64>,
+    pub last_sync_duration_us: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapStatus {
+    pub name: String,
+    pub kind: String,
+    pub max_entries: u32,
+    pub entries: u32,
+}
+
+/// `POST /v1/apply` and `POST /v1/delete`: multi-document YAML (or JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ManifestRequest {
+    pub manifest: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestResponse {
+    /// `Kind/namespace/name` of each object applied or deleted.
+    pub objects: Vec<String>,
+    /// Objects that were not there (delete).
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
 /// One node's view of another (ICMP echo and TCP connect to its health port).

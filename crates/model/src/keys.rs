@@ -7,6 +7,9 @@
 //! | `/fjord/v1/ipam/<node>/<ip>` | owner `"<containerID>/<ifname>"` | the node's agent (CNI ADD/DEL) |
 //! | `/fjord/v1/attachments/<node>/<containerID>/<ifname>` | [`Attachment`](crate::api::Attachment) | the node's agent |
 //! | `/fjord/v1/pods/<namespace>/<name>` | [`Pod`](crate::api::Pod) | `fjordctl pod` (stands in for the API server) |
+//! | `/fjord/v1/services/<namespace>/<name>` | Service (JSON) | `fjordctl apply` |
+//! | `/fjord/v1/endpointslices/<namespace>/<name>` | EndpointSlice (JSON) | `fjordctl apply` (selectorless services), or the agent owning the pods (`<service>-fjord-<node>`, under its node lease) |
+//! | `/fjord/v1/clusterips/<ip>` | `<namespace>/<name>` of the Service holding it | `fjordctl apply` (allocation by transaction) |
 
 use std::net::Ipv4Addr;
 
@@ -14,6 +17,25 @@ pub const PREFIX: &str = "/fjord/v1/";
 
 pub fn node(node: &str) -> String {
     format!("{PREFIX}nodes/{node}")
+}
+pub fn services_prefix() -> String {
+    format!("{PREFIX}services/")
+}
+pub fn service(namespace: &str, name: &str) -> String {
+    format!("{PREFIX}services/{namespace}/{name}")
+}
+pub fn endpointslices_prefix() -> String {
+    format!("{PREFIX}endpointslices/")
+}
+pub fn endpointslice(namespace: &str, name: &str) -> String {
+    format!("{PREFIX}endpointslices/{namespace}/{name}")
+}
+pub fn clusterip(ip: Ipv4Addr) -> String {
+    format!("{PREFIX}clusterips/{ip}")
+}
+/// Name of the EndpointSlice the agent of `node` writes for `service`.
+pub fn agent_slice_name(service: &str, node: &str) -> String {
+    format!("{service}-fjord-{node}")
 }
 pub fn nodes_prefix() -> String {
     format!("{PREFIX}nodes/")

@@ -6,3 +6,4 @@
 pub mod api;
 pub mod cni;
 pub mod keys;
+pub mod objects;

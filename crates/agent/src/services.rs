@@ -1,0 +1,403 @@
+//! Services: `apply` (validation, ClusterIP allocation, one transaction), the
+//! endpoint controller for this node's pods, and programming the eBPF
+//! datapath from the store, driven by a watch (never polled).
+
+use crate::agent::Agent;
+use fjord_lb::{Backend, Frontend, LbConfig, Protocol as LbProtocol};
+use fjord_model::api::{Attachment, Pod};
+use fjord_model::cni::{code, CniError};
+use fjord_model::keys;
+use fjord_model::objects::{
+    Endpoint, EndpointConditions, EndpointPort, EndpointSlice, EndpointTargetRef, IntOrString, Object, ObjectMeta, Protocol, Service,
+    ValidationContext,
+};
+use fjord_store::{Compare, Op, Store, Txn};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+pub const MANAGED_BY_FJORD: &str = "fjord.dev/agent";
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Datapath state for status and metrics.
+#[derive(Default)]
+pub struct ServiceView {
+    pub last_sync: Mutex<Option<(Instant, Duration)>>,
+    pub last_error: Mutex<Option<String>>,
+    pub frontends: Mutex<usize>,
+    pub backends: Mutex<usize>,
+}
+
+fn bad(msg: impl Into<String>) -> CniError {
+    CniError::new(code::INVALID_CONFIG, msg)
+}
+fn store_err(e: fjord_store::StoreError) -> CniError {
+    CniError::new(code::TRY_AGAIN_LATER, "the agent's store failed").details(e.to_string())
+}
+
+fn lb_proto(p: &Protocol) -> LbProtocol {
+    match p {
+        Protocol::TCP => LbProtocol::Tcp,
+        Protocol::UDP => LbProtocol::Udp,
+    }
+}
+
+/// Apply objects: all are written in one transaction, or none.
+pub async fn apply(agent: &Agent, ctx: &ValidationContext, objects: Vec<Object>, max_frontends: Option<usize>) -> Result<Vec<Object>, CniError> {
+    let store = &agent.store;
+    let existing = store.list(&keys::services_prefix()).await.map_err(store_err)?;
+    let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    for kv in &existing.kvs {
+        if let Ok(s) = serde_json::from_slice::<Service>(&kv.value) {
+            services.insert(format!("{}/{}", s.metadata.namespace, s.metadata.name), s);
+        }
+    }
+    let taken = store.list("/fjord/v1/clusterips/").await.map_err(store_err)?;
+    let mut used_ips: BTreeMap<Ipv4Addr, String> = taken
+        .kvs
+        .iter()
+        .filter_map(|kv| Some((kv.key.rsplit('/').next()?.parse().ok()?, String::from_utf8_lossy(&kv.value).to_string())))
+        .collect();
+    let mut ops = vec![];
+    let mut compares = vec![];
+    let mut out = vec![];
+    for obj in objects {
+        match obj {
+            Object::Service(mut s) => {
+                let id = format!("{}/{}", s.metadata.namespace, s.metadata.name);
+                let prev = services.get(&id).cloned();
+                if !s.is_headless() {
+                    match s.spec.cluster_ip.as_deref() {
+                        None | Some("") => {
+                            // Keep the address a re-applied service already has.
+                            let ip = match prev.as_ref().and_then(|p| p.spec.cluster_ip.clone()).filter(|ip| ip != "None") {
+                                Some(ip) => ip.parse::<Ipv4Addr>().map_err(|_| bad(format!("service {id}: stored clusterIP {ip} is invalid")))?,
+                                None => {
+                                    let cidr = ctx.service_cidr;
+                                    let first = u32::from(cidr.network()) + 10; // .0-.9 reserved (like kube-dns's .10 convention, first free from .10)
+                                    let last = u32::from(cidr.broadcast()) - 1;
+                                    let ip = (first..=last).map(Ipv4Addr::from).find(|ip| !used_ips.contains_key(ip)).ok_or_else(|| {
+                                        bad(format!("service {id}: no free ClusterIP left in the service CIDR {cidr}"))
+                                    })?;
+                                    compares.push(Compare::absent(keys::clusterip(ip)));
+                                    ops.push(Op::put(keys::clusterip(ip), id.clone()));
+                                    used_ips.insert(ip, id.clone());
+                                    ip
+                                }
+                            };
+                            s.spec.cluster_ip = Some(ip.to_string());
+                        }
+                        Some(ip) => {
+                            let ip: Ipv4Addr = ip.parse().map_err(|_| bad(format!("service {id}: spec.clusterIP {ip:?} is not an IPv4 address")))?;
+                            match used_ips.get(&ip) {
+                                Some(owner) if *owner != id => {
+                                    return Err(bad(format!("service {id}: spec.clusterIP {ip} is already allocated to service {owner}")));
+                                }
+                                Some(_) => {}
+                                None => {
+                                    compares.push(Compare::absent(keys::clusterip(ip)));
+                                    ops.push(Op::put(keys::clusterip(ip), id.clone()));
+                                    used_ips.insert(ip, id.clone());
+                                }
+                            }
+                        }
+                    }
+                    if let (Some(p), Some(new)) = (prev.as_ref().and_then(|p| p.spec.cluster_ip.clone()), s.spec.cluster_ip.clone()) {
+                        if p != new && p != "None" {
+                            return Err(bad(format!("service {id}: spec.clusterIP is immutable ({p} → {new}); delete the service first")));
+                        }
+                    }
+                }
+                services.insert(id.clone(), s.clone());
+                ops.push(Op::put(keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(&s).unwrap()));
+                out.push(Object::Service(s));
+            }
+            Object::EndpointSlice(e) => {
+                ops.push(Op::put(keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(&e).unwrap()));
+                out.push(Object::EndpointSlice(e));
+            }
+        }
+    }
+    if let Some(max) = max_frontends {
+        let n: usize = services.values().filter(|s| !s.is_headless()).map(frontend_count).sum();
+        if n > max {
+            return Err(bad(format!(
+                "applying this would need {n} service frontends (VIP × port), more than the datapath's service map holds ({max}); \
+                 nothing was applied. Start the agent with a larger --max-services."
+            )));
+        }
+    }
+    let r = store.txn(Txn::when(compares).and_then(ops)).await.map_err(store_err)?;
+    if !r.succeeded {
+        return Err(CniError::new(code::TRY_AGAIN_LATER, "a ClusterIP was taken concurrently; nothing was applied, apply again"));
+    }
+    Ok(out)
+}
+
+fn frontend_count(s: &Service) -> usize {
+    let vips = 1 + s.spec.external_ips.len() + lb_ips(s).len();
+    vips * s.spec.ports.len()
+}
+
+fn lb_ips(s: &Service) -> Vec<Ipv4Addr> {
+    s.status.as_ref().and_then(|st| st.load_balancer.as_ref()).map(|lb| lb.ingress.iter().filter_map(|i| i.ip).collect()).unwrap_or_default()
+}
+
+/// Delete objects (and the ClusterIPs of deleted services). Missing ones are reported.
+pub async fn delete(agent: &Agent, objects: &[Object]) -> Result<Vec<String>, CniError> {
+    let mut ops = vec![];
+    let mut missing = vec![];
+    for o in objects {
+        let key = match o {
+            Object::Service(s) => keys::service(&s.metadata.namespace, &s.metadata.name),
+            Object::EndpointSlice(e) => keys::endpointslice(&e.metadata.namespace, &e.metadata.name),
+        };
+        match agent.store.get(&key).await.map_err(store_err)? {
+            None => missing.push(o.key()),
+            Some(kv) => {
+                if let Object::Service(_) = o {
+                    if let Ok(s) = serde_json::from_slice::<Service>(&kv.value) {
+                        if let Some(ip) = s.spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
+                            ops.push(Op::delete(keys::clusterip(ip)));
+                        }
+                    }
+                }
+                ops.push(Op::delete(key));
+            }
+        }
+    }
+    agent.store.txn(Txn::when(vec![]).and_then(ops)).await.map_err(store_err)?;
+    Ok(missing)
+}
+
+pub async fn list_services(store: &dyn Store) -> Result<Vec<Service>, CniError> {
+    let l = store.list(&keys::services_prefix()).await.map_err(store_err)?;
+    Ok(l.kvs.iter().filter_map(|kv| decode_logged(&kv.key, &kv.value)).collect())
+}
+
+pub async fn list_slices(store: &dyn Store) -> Result<Vec<EndpointSlice>, CniError> {
+    let l = store.list(&keys::endpointslices_prefix()).await.map_err(store_err)?;
+    Ok(l.kvs.iter().filter_map(|kv| decode_logged(&kv.key, &kv.value)).collect())
+}
+
+fn decode_logged<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Option<T> {
+    match serde_json::from_slice(v) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            warn!(key, error = %e, "skipping corrupt record");
+            None
+        }
+    }
+}
+
+/// The port a pod serves a service port on (numeric or named targetPort).
+fn resolve_target(port: &fjord_model::objects::ServicePort, pod: &Pod) -> Option<u16> {
+    match &port.target_port {
+        None => Some(port.port),
+        Some(IntOrString::Int(p)) => Some(*p),
+        Some(IntOrString::String(name)) => pod.ports.get(name).copied(),
+    }
+}
+
+/// This node's EndpointSlices: for every service with a selector, the local pods that match.
+pub fn desired_local_slices(node: &str, services: &[Service], pods: &[Pod], atts: &[Attachment]) -> BTreeMap<String, EndpointSlice> {
+    let mut out = BTreeMap::new();
+    for s in services {
+        let Some(sel) = s.spec.selector.as_ref().filter(|m| !m.is_empty()) else { continue };
+        let mut endpoints = vec![];
+        let mut ports: Option<Vec<EndpointPort>> = None;
+        for p in pods.iter().filter(|p| p.node == node && p.namespace == s.metadata.namespace) {
+            if !sel.iter().all(|(k, v)| p.labels.get(k) == Some(v)) {
+                continue;
+            }
+            let Some(att) = atts.iter().find(|a| Some(&a.container_id) == p.container_id.as_ref()) else { continue };
+            let resolved: Option<Vec<EndpointPort>> = s
+                .spec
+                .ports
+                .iter()
+                .map(|sp| Some(EndpointPort { name: sp.name.clone(), port: Some(resolve_target(sp, p)?), protocol: sp.protocol.clone(), app_protocol: None }))
+                .collect();
+            let Some(resolved) = resolved else {
+                warn!(service = %s.metadata.name, pod = %p.name, "pod does not declare the service's named targetPort; not an endpoint");
+                continue;
+            };
+            // One slice per service and node: pods whose ports resolve differently are skipped.
+            match &ports {
+                None => ports = Some(resolved),
+                Some(existing) if *existing != resolved => {
+                    warn!(service = %s.metadata.name, pod = %p.name, "pod resolves the targetPorts differently from its peers on this node; skipped");
+                    continue;
+                }
+                _ => {}
+            }
+            endpoints.push(Endpoint {
+                addresses: vec![att.ip],
+                conditions: EndpointConditions { ready: Some(p.phase == "Running"), serving: Some(p.phase == "Running"), terminating: Some(false) },
+                node_name: Some(node.to_string()),
+                target_ref: Some(EndpointTargetRef { kind: Some("Pod".into()), name: Some(p.name.clone()), namespace: Some(p.namespace.clone()), uid: Some(p.uid.clone()) }),
+                hostname: None,
+                zone: None,
+                hints: Default::default(),
+            });
+        }
+        if endpoints.is_empty() {
+            continue;
+        }
+        let name = keys::agent_slice_name(&s.metadata.name, node);
+        let mut labels = BTreeMap::new();
+        labels.insert(SERVICE_NAME_LABEL.to_string(), s.metadata.name.clone());
+        labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY_FJORD.to_string());
+        endpoints.sort_by_key(|e| e.addresses[0]);
+        let slice = EndpointSlice {
+            api_version: "discovery.k8s.io/v1".into(),
+            kind: "EndpointSlice".into(),
+            metadata: ObjectMeta { name: name.clone(), namespace: s.metadata.namespace.clone(), labels, ..ObjectMeta::default() },
+            address_type: "IPv4".into(),
+            endpoints,
+            ports: ports.unwrap_or_default(),
+        };
+        out.insert(keys::endpointslice(&s.metadata.namespace, &name), slice);
+    }
+    out
+}
+
+/// The datapath's frontends for `services` with backends from `slices`.
+pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Vec<fjord_lb::Service> {
+    let mut out = vec![];
+    for s in services.iter().filter(|s| !s.is_headless()) {
+        let Some(cip) = s.spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else { continue };
+        let mut vips = vec![cip];
+        vips.extend(s.spec.external_ips.iter().copied());
+        vips.extend(lb_ips(s));
+        let mine: Vec<&EndpointSlice> =
+            slices.iter().filter(|e| e.metadata.namespace == s.metadata.namespace && e.service_name() == Some(s.metadata.name.as_str())).collect();
+        let mut frontends = vec![];
+        let mut seen = HashSet::new();
+        for vip in vips {
+            for sp in &s.spec.ports {
+                if !seen.insert((vip, sp.port, lb_proto(&sp.protocol))) {
+                    continue;
+                }
+                let mut backends = vec![];
+                for slice in &mine {
+                    // Slice ports are named after the service port.
+                    let Some(ep) = slice.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol).and_then(|p| p.port) else { continue };
+                    for e in &slice.endpoints {
+                        for ip in &e.addresses {
+                            backends.push(Backend { ip: *ip, port: ep, ready: e.is_ready(), serving: e.is_serving(), terminating: e.is_terminating(), weight: None });
+                        }
+                    }
+                }
+                frontends.push(Frontend { vip, port: sp.port, protocol: lb_proto(&sp.protocol), backends });
+            }
+        }
+        out.push(fjord_lb::Service { name: format!("{}/{}", s.metadata.namespace, s.metadata.name), frontends });
+    }
+    out
+}
+
+/// One reconcile pass: own EndpointSlices, then the datapath.
+pub async fn reconcile(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, lease: Option<i64>) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let services = list_services(agent.store.as_ref()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pods = agent.pods().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let atts = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut slices = list_slices(agent.store.as_ref()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // 1. Endpoint controller (one writer per fact: this node's pods).
+    let want = desired_local_slices(&agent.node, &services, &pods, &atts);
+    let suffix = format!("-fjord-{}", agent.node);
+    let have: BTreeMap<String, EndpointSlice> = slices
+        .iter()
+        .filter(|e| e.metadata.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_FJORD) && e.metadata.name.ends_with(&suffix))
+        .map(|e| (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), e.clone()))
+        .collect();
+    let mut ops = vec![];
+    for (k, e) in &want {
+        if have.get(k) != Some(e) {
+            ops.push(Op::Put { key: k.clone(), value: serde_json::to_vec(e)?, lease });
+        }
+    }
+    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+        ops.push(Op::delete(k.clone()));
+    }
+    if !ops.is_empty() {
+        agent.store.txn(Txn::when(vec![]).and_then(ops)).await?;
+        slices.retain(|e| !(e.metadata.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_FJORD) && e.metadata.name.ends_with(&suffix)));
+        slices.extend(want.into_values());
+    }
+    // 2. Datapath.
+    let Some(dp) = dp else { return Ok(()) };
+    let lbs = desired_frontends(&services, &slices);
+    let dp = dp.clone();
+    let (nfe, nbe) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
+        let mut dp = dp.lock().unwrap();
+        let cfg = LbConfig { maglev_size: dp.config().maglev_size, ..LbConfig::default() };
+        let mut entries = vec![];
+        for s in &lbs {
+            match fjord_lb::translate(s, &cfg) {
+                Ok(fes) => entries.extend(fes),
+                Err(e) => warn!(service = %s.name, error = %e, "service skipped"),
+            }
+        }
+        let wanted: BTreeSet<_> = entries.iter().map(|e| e.key).collect();
+        dp.upsert_many(&entries)?;
+        for k in dp.services() {
+            if !wanted.contains(&k) {
+                dp.delete(&k)?;
+            }
+        }
+        Ok((entries.len(), entries.iter().map(|e| e.backends.len()).sum()))
+    })
+    .await??;
+    *agent.services.frontends.lock().unwrap() = nfe;
+    *agent.services.backends.lock().unwrap() = nbe;
+    *agent.services.last_sync.lock().unwrap() = Some((Instant::now(), t0.elapsed()));
+    *agent.services.last_error.lock().unwrap() = None;
+    tracing::debug!(frontends = nfe, backends = nbe, ms = t0.elapsed().as_secs_f64() * 1000.0, "services synced");
+    Ok(())
+}
+
+/// Watch everything services depend on and reconcile on change (coalescing bursts).
+pub async fn run(agent: Arc<Agent>, dp: Option<Arc<Mutex<fjord_datapath::Datapath>>>, lease: Arc<std::sync::atomic::AtomicI64>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r: anyhow::Result<()> = async {
+            let rev = agent.store.current_revision().await?;
+            let l = |lease: &std::sync::atomic::AtomicI64| Some(lease.load(std::sync::atomic::Ordering::Relaxed)).filter(|l| *l != 0);
+            reconcile(&agent, dp.as_ref(), l(&lease)).await?;
+            let mut w = agent.store.watch(keys::PREFIX, rev + 1).await?;
+            backoff = Duration::from_millis(100);
+            loop {
+                let ev = w.recv().await.ok_or_else(|| anyhow::anyhow!("watch ended"))??;
+                let relevant = |k: &str| {
+                    k.starts_with(&keys::services_prefix())
+                        || k.starts_with(&keys::endpointslices_prefix())
+                        || k.starts_with(&keys::pods_prefix())
+                        || k.starts_with(&keys::attachments_prefix(&agent.node))
+                };
+                if !relevant(&ev.kv.key) {
+                    continue;
+                }
+                // Coalesce a burst of changes into one pass.
+                while let Ok(Some(more)) = tokio::time::timeout(Duration::from_millis(5), w.recv()).await {
+                    more?;
+                }
+                if let Err(e) = reconcile(&agent, dp.as_ref(), l(&lease)).await {
+                    warn!(error = %format!("{e:#}"), "service sync failed");
+                    *agent.services.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "service watch interrupted; datapath keeps its state");
+            *agent.services.last_error.lock().unwrap() = Some(format!("{e:#}"));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        info!("service controller resyncing");
+    }
+}
