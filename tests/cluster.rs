@@ -256,3 +256,50 @@ async fn podcidr_allocation_races_never_produce_duplicates() {
     assert_eq!(again, cidrs[3]);
     let _: Ipv4Addr = again.network();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusterip_with_backends_on_three_nodes_works_from_every_node() {
+    use std::io::{Read, Write};
+    let c = TestCluster::up_with(3, "etcd", "native").await;
+    for i in 0..3 {
+        wait_routes(&c, i, 2).await;
+    }
+    let mut clients = vec![];
+    for i in 1..=3 {
+        let w = pod::add(&c.state, Some(&format!("node{i}")), &format!("default/web{i}"), [("app".to_string(), "web".to_string())].into()).await.unwrap();
+        let l = tcp_listen_in(&pod_netns(&w), "0.0.0.0:8080");
+        let name = w.name.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let _ = s.write_all(name.as_bytes());
+            }
+        });
+        clients.push(pod::add(&c.state, Some(&format!("node{i}")), &format!("default/client{i}"), BTreeMap::new()).await.unwrap());
+    }
+    c.client_n(0)
+        .apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.80\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n")
+        .await
+        .unwrap();
+    let vip = SocketAddr::new(Ipv4Addr::new(10, 96, 0, 80).into(), 80);
+    for (i, cl) in clients.iter().enumerate() {
+        let ns = pod_netns(cl);
+        // Every node's endpoint controller publishes its pod; every node programs all three.
+        let seen = eventually(Duration::from_secs(20), || {
+            let ns = ns.clone();
+            async move {
+                let mut seen = std::collections::BTreeSet::new();
+                for _ in 0..60 {
+                    let mut s = tcp_connect_in(&ns, vip).ok()?;
+                    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).ok()?;
+                    seen.insert(out);
+                }
+                (seen.len() == 3).then_some(seen)
+            }
+        })
+        .await;
+        assert!(seen.is_some(), "clients on node{} did not reach backends on all three nodes", i + 1);
+    }
+}
