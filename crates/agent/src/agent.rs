@@ -336,13 +336,19 @@ impl Agent {
     async fn del_locked(&self, cid: &str, ifname: &str) -> Result<(), CniError> {
         let att = self.attachment(cid, ifname).await?;
         let host_veth = att.as_ref().map_or_else(|| host_veth_name(cid, ifname), |a| a.host_veth.clone());
+        // Release the attachment first: every node's endpoint controller and datapath start
+        // dropping the pod as a backend while its interface is still being torn down (the
+        // kernel's veth teardown waits for an RCU grace period). No ADD can take the address
+        // meanwhile: ADD and DEL hold the same lock.
+        if let Some(att) = &att {
+            self.release(att).await?;
+        }
         self.mark_deleting(&host_veth, true);
         self.detach_datapath(&host_veth).await;
         let r = self.nl.delete_link(&host_veth).await;
         self.mark_deleting(&host_veth, false);
         r.map_err(|e| CniError::new(code::IO_FAILURE, format!("could not delete {host_veth}")).details(e.to_string()))?;
         if let Some(att) = att {
-            self.release(&att).await?;
             info!(container = %cid, ip = %att.ip, pod = ?att.pod_name, "pod detached");
         }
         Ok(())

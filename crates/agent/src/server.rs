@@ -114,6 +114,25 @@ pub fn router(ctx: Ctx) -> Router {
             "/v1/endpointslices",
             get(|State(c): State<Ctx>| async move { R::<Vec<fjord_model::objects::EndpointSlice>>::Ok(Json(crate::services::list_slices(c.agent.store.as_ref()).await?)) }),
         )
+        .route(
+            "/v1/datapath/frontends",
+            get(|State(c): State<Ctx>| async move {
+                // What the datapath holds now: frontend → backends (after the last map update returned).
+                let Some(dp) = c.agent.datapath.get().cloned() else { return R::<serde_json::Value>::Ok(Json(serde_json::json!({}))) };
+                let v = tokio::task::spawn_blocking(move || {
+                    let dp = dp.lock().unwrap();
+                    let mut out = serde_json::Map::new();
+                    for k in dp.services() {
+                        let b: Vec<String> = dp.service_backends(&k).unwrap_or_default().iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
+                        out.insert(k.to_string(), serde_json::json!(b));
+                    }
+                    serde_json::Value::Object(out)
+                })
+                .await
+                .map_err(|e| ApiErr(CniError::new(code::IO_FAILURE, e.to_string())))?;
+                R::<serde_json::Value>::Ok(Json(v))
+            }),
+        )
         .route("/v1/attachments", get(|State(c): State<Ctx>| async move { R::<Vec<Attachment>>::Ok(Json(c.agent.attachments().await?)) }))
         .route(
             "/v1/pods",

@@ -179,6 +179,10 @@ impl AgentClient {
     pub async fn endpointslices(&self) -> Result<Vec<serde_json::Value>> {
         self.call(Method::GET, "/v1/endpointslices", None::<&()>).await
     }
+    /// The datapath's frontends (`vip:port/proto`) and the backends (`ip:port`) each holds now.
+    pub async fn datapath_frontends(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+        self.call(Method::GET, "/v1/datapath/frontends", None::<&()>).await
+    }
     pub async fn metrics(&self) -> Result<String> {
         let (_, body) = self.raw(Method::GET, "/metrics", None::<&()>).await?;
         Ok(String::from_utf8_lossy(&body).into_owned())
