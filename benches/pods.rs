@@ -3,6 +3,8 @@
 //! print CNI ADD / DEL latency p50/p99/max and the agent's RSS with N pods.
 //!
 //! `cargo bench --bench pods` (root; bounded: N pods, default 100, `FJORD_BENCH_PODS`).
+//! Runs twice: with the eBPF datapath (default; every ADD attaches two TCX links) and with
+//! `--datapath off` (the pod plumbing alone).
 //! Targets (issue #2): ADD p99 < 50 ms, agent RSS < 30 MiB with 100 pods.
 
 use fjord_e2e::*;
@@ -22,7 +24,15 @@ fn main() {
     let n: usize = if smoke { 3 } else { std::env::var("FJORD_BENCH_PODS").ok().and_then(|s| s.parse().ok()).unwrap_or(100).min(250) };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
-        let c = TestCluster::up().await;
+        for (label, args) in [("datapath on (default)", vec![]), ("datapath off (--datapath off)", vec!["--datapath".to_string(), "off".to_string()])] {
+            churn(n, smoke, label, args).await;
+        }
+    });
+}
+
+async fn churn(n: usize, smoke: bool, label: &str, agent_args: Vec<String>) {
+    {
+        let c = TestCluster::up_full(1, "embedded", "native", agent_args).await;
         let pid = c.node().agent_pid.unwrap();
         let rss0 = rss_of(pid).unwrap();
         let mut add = Vec::with_capacity(n);
@@ -39,7 +49,7 @@ fn main() {
             del.push(p.cni_del_ms.unwrap());
         }
         let rss_after = rss_of(pid).unwrap();
-        println!("fjord pod churn: {n} pods added then deleted one at a time, CNI plugin exec'd per call (wall time of the plugin process)");
+        println!("fjord pod churn, {label}: {n} pods added then deleted one at a time, CNI plugin exec'd per call (wall time of the plugin process)");
         let (_, add_p99) = summary("CNI ADD", &mut add);
         summary("CNI DEL", &mut del);
         let mib = |b: u64| b as f64 / 1048576.0;
@@ -51,5 +61,5 @@ fn main() {
                 if mib(rss_full) < 30.0 { "MET" } else { "MISSED" }
             );
         }
-    });
+    }
 }

@@ -71,11 +71,16 @@ impl TestCluster {
 
     /// A cluster of `nodes` nodes on `store` (embedded|etcd) with `routing` (native|vxlan).
     pub async fn up_with(nodes: u32, store: &str, routing: &str) -> TestCluster {
+        Self::up_full(nodes, store, routing, vec![]).await
+    }
+
+    /// Like [`up_with`](Self::up_with), with extra fjord-agent flags.
+    pub async fn up_full(nodes: u32, store: &str, routing: &str, agent_args: Vec<String>) -> TestCluster {
         let lock = kernel_lock();
         let tmp = tempfile::Builder::new().prefix("fj").tempdir_in("/tmp").unwrap();
         let home = Home::new(Some(tmp.path().to_path_buf()));
         let name = format!("e2e{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
-        let opts = UpOptions { name, nodes, store: store.into(), routing: routing.into(), bin_dir: bin_dir() };
+        let opts = UpOptions { name, nodes, store: store.into(), routing: routing.into(), bin_dir: bin_dir(), agent_args };
         let state = cluster::up(&home, &opts, &|_| {}).await.expect("cluster up");
         TestCluster { home, state, _tmp: tmp, _lock: lock }
     }

@@ -24,22 +24,28 @@ pub fn peer_tmp_name(host_veth: &str) -> String {
     format!("fp{}", &host_veth[2..])
 }
 
-/// Create and configure the veth pair. On error, the caller removes the host end.
-pub async fn setup(
+/// Create the veth pair (both ends still in the node's namespace). On error, the
+/// caller removes the host end.
+pub async fn create_pair(nl: &Netlink, host_veth: &str, mtu: u32) -> anyhow::Result<()> {
+    let tmp = peer_tmp_name(host_veth);
+    // Leftovers of an interrupted earlier attempt.
+    nl.delete_link(host_veth).await?;
+    nl.delete_link(&tmp).await?;
+    nl.add_veth(host_veth, &tmp, Some(mtu)).await?;
+    Ok(())
+}
+
+/// Move the pod end into the pod's namespace and configure both ends (after [`create_pair`]).
+pub async fn configure(
     nl: &Netlink,
     netns_path: &Path,
     host_veth: &str,
     ifname: &str,
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
-    mtu: u32,
 ) -> anyhow::Result<(String, PodSide)> {
     use anyhow::Context;
     let tmp = peer_tmp_name(host_veth);
-    // Leftovers of an interrupted earlier attempt.
-    nl.delete_link(host_veth).await?;
-    nl.delete_link(&tmp).await?;
-    nl.add_veth(host_veth, &tmp, Some(mtu)).await?;
     let ns_file = netns::open(netns_path)?;
     nl.move_to_netns(&tmp, &ns_file).await?;
     nl.set_up(host_veth).await?;

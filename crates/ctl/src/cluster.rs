@@ -27,6 +27,8 @@ pub struct UpOptions {
     /// `native` or `vxlan` (etcd store only).
     pub routing: String,
     pub bin_dir: PathBuf,
+    /// Extra fjord-agent flags for every node (e.g. `--datapath off`).
+    pub agent_args: Vec<String>,
 }
 
 /// Where fjord's binaries are: `FJORD_BIN_DIR`, else next to this fjordctl.
@@ -174,6 +176,7 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
             underlay_veth: veth,
             routing: o.routing.clone(),
             allocate_pod_cidr: o.store == "etcd",
+            agent_args: o.agent_args.clone(),
         };
         install_cni(&o.bin_dir, &node)?;
         state.nodes.push(node.clone());
@@ -299,6 +302,7 @@ pub fn start_agent(bin_dir: &Path, node: &NodeState) -> Result<u32> {
     if !node.routing.is_empty() {
         cmd.arg("--routing").arg(&node.routing);
     }
+    cmd.args(&node.agent_args);
     // Pins per cluster and node, so clusters never share eBPF maps; `cluster down` removes them.
     cmd.arg("--bpf-pin-dir").arg(bpf_pin_dir(&node.dir, &node.name));
     // Short leases in the dev cluster, so a dead node leaves quickly.

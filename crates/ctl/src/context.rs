@@ -35,6 +35,9 @@ pub struct NodeState {
     /// The agent claims its PodCIDR from the store (cluster mode) instead of `--pod-cidr`.
     #[serde(default)]
     pub allocate_pod_cidr: bool,
+    /// Extra fjord-agent flags (e.g. `--datapath off`), kept for restarts.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -110,6 +110,9 @@ enum ClusterCmd {
         /// Pod routing between nodes (etcd store): native or vxlan.
         #[arg(long, default_value = "native")]
         routing: String,
+        /// Extra flag for every node's fjord-agent (repeatable), e.g. --agent-arg=--datapath=off.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -253,14 +256,14 @@ async fn run(cli: Cli) -> Result<i32> {
 
 async fn cluster_cmd(home: &Home, explicit: Option<&str>, c: ClusterCmd) -> Result<i32> {
     match c {
-        ClusterCmd::Up { name, nodes, store, routing, output } => {
+        ClusterCmd::Up { name, nodes, store, routing, agent_args, output } => {
             let quiet = output != Output::Text;
             let progress = |m: &str| {
                 if !quiet {
                     println!("{m}")
                 }
             };
-            let opts = cluster::UpOptions { name: name.clone(), nodes, store, routing, bin_dir: cluster::bin_dir() };
+            let opts = cluster::UpOptions { name: name.clone(), nodes, store, routing, bin_dir: cluster::bin_dir(), agent_args };
             let st = cluster::up(home, &opts, &progress).await?;
             if !emit(output, &st)? {
                 println!("cluster {name} is up; it is now the current cluster. Next: `fjordctl pod add default/web`, `fjordctl status`.");
