@@ -78,7 +78,14 @@ tests() {
   say "building fjord"
   cargo build --workspace --bins
   say "running the test suite (unit, kernel and end-to-end tests)"
-  cargo test --workspace --no-fail-fast
+  local log rc=0
+  log=$(mktemp)
+  cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || rc=$?
+  # One closing line for the whole suite (cargo prints one per test binary).
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+       END { printf "\nfjord: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+  rm -f "$log"
+  return $rc
 }
 
 case "${1:-}" in
