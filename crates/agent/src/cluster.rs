@@ -116,6 +116,7 @@ pub struct RouteSync {
     pub underlay_dev: String,
     pub nl: Netlink,
     pub view: Arc<NodeView>,
+    pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 fn mac_bytes(s: &str) -> Option<Vec<u8>> {
@@ -232,6 +233,7 @@ impl RouteSync {
         match self.apply(nodes).await {
             Ok(n) => {
                 *self.view.last_sync.lock().unwrap() = Some((Instant::now(), t0.elapsed()));
+                self.sync_seconds.observe(t0.elapsed().as_secs_f64());
                 tracing::debug!(routes = n, ms = t0.elapsed().as_secs_f64() * 1000.0, "routes synced");
             }
             Err(e) => {

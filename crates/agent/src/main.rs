@@ -248,7 +248,7 @@ async fn run(args: Args) -> Result<()> {
         *agent.datapath_error.lock().unwrap() = Some("--datapath off".into());
     }
     tokio::spawn(fjord_agent::services::run(agent.clone(), agent.datapath.get().cloned(), lease.clone()));
-    let sync = cluster::RouteSync { me: record, routing: args.routing, underlay_dev: underlay_dev.clone(), nl: nl.clone(), view: agent.nodes.clone() };
+    let sync = cluster::RouteSync { me: record, routing: args.routing, underlay_dev: underlay_dev.clone(), nl: nl.clone(), view: agent.nodes.clone(), sync_seconds: agent.metrics.route_sync_seconds.clone() };
     tokio::spawn(sync.run(store.clone()));
     if let Some(addr) = addresses.first().copied() {
         tokio::spawn(async move {

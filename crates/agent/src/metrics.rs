@@ -25,6 +25,12 @@ pub struct Metrics {
     pub zombies_cleaned: Counter<u64, AtomicU64>,
     pub store_revision: Gauge,
     pub rss_bytes: Gauge,
+    pub route_sync_seconds: Histogram,
+    pub service_sync_seconds: Histogram,
+    /// Store revision the service controller last synced the datapath to.
+    pub service_synced_revision: Gauge,
+    pub datapath_frontends: Gauge,
+    pub datapath_backends: Gauge,
 }
 
 impl Metrics {
@@ -41,6 +47,11 @@ impl Metrics {
             zombies_cleaned: Counter::default(),
             store_revision: Gauge::default(),
             rss_bytes: Gauge::default(),
+            route_sync_seconds: Histogram::new(buckets.into_iter()),
+            service_sync_seconds: Histogram::new(buckets.into_iter()),
+            service_synced_revision: Gauge::default(),
+            datapath_frontends: Gauge::default(),
+            datapath_backends: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("cni_requests", "CNI requests served, by command and result", m.cni_requests.clone());
@@ -56,6 +67,19 @@ impl Metrics {
         );
         registry.register("store_revision", "Last revision of the store seen by the agent", m.store_revision.clone());
         registry.register("agent_rss_bytes", "Resident memory of the agent", m.rss_bytes.clone());
+        registry.register("route_sync_duration_seconds", "Time to bring routes to other nodes in line with the store after a change", m.route_sync_seconds.clone());
+        registry.register(
+            "service_sync_duration_seconds",
+            "Time from a watched change to the datapath holding it (endpoint controller + map updates)",
+            m.service_sync_seconds.clone(),
+        );
+        registry.register(
+            "service_synced_revision",
+            "Store revision the datapath was last synced to (compare with fjord_store_revision for the watch lag)",
+            m.service_synced_revision.clone(),
+        );
+        registry.register("datapath_frontends", "Service frontends (VIP x port) in the eBPF maps", m.datapath_frontends.clone());
+        registry.register("datapath_backends", "Backends referenced by the eBPF maps", m.datapath_backends.clone());
         Metrics { registry, ..m }
     }
 

@@ -302,6 +302,7 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Vec<
 /// One reconcile pass: own EndpointSlices, then the datapath.
 pub async fn reconcile(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, lease: Option<i64>) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let revision = agent.store.current_revision().await?;
     let services = list_services(agent.store.as_ref()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let pods = agent.pods().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let atts = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -356,6 +357,10 @@ pub async fn reconcile(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Data
     *agent.services.backends.lock().unwrap() = nbe;
     *agent.services.last_sync.lock().unwrap() = Some((Instant::now(), t0.elapsed()));
     *agent.services.last_error.lock().unwrap() = None;
+    agent.metrics.service_sync_seconds.observe(t0.elapsed().as_secs_f64());
+    agent.metrics.service_synced_revision.set(revision);
+    agent.metrics.datapath_frontends.set(nfe as i64);
+    agent.metrics.datapath_backends.set(nbe as i64);
     tracing::debug!(frontends = nfe, backends = nbe, ms = t0.elapsed().as_secs_f64() * 1000.0, "services synced");
     Ok(())
 }
