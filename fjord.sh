@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 
 PACKAGES=(clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool protobuf-compiler
           etcd-server iproute2 iptables nftables fio wrk nginx python3 curl iputils-ping netcat-openbsd
-          e2fsprogs util-linux)
+          e2fsprogs util-linux openssl)
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 

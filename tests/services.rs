@@ -157,6 +157,10 @@ async fn clusterip_tcp_udp_spread_endpoints_and_no_iptables() {
     assert!(dp.frontends >= 3, "{dp:?}");
     assert!(dp.maps.iter().any(|m| m.entries > 0));
 
+    let m = c.client().metrics().await.unwrap();
+    assert!(m.lines().any(|l| l.starts_with("fjord_datapath_frontends{") && !l.trim_end().ends_with(" 0")), "{m}");
+    assert!(m.lines().any(|l| l.starts_with("fjord_service_sync_duration_seconds_count{") && !l.trim_end().ends_with(" 0")), "{m}");
+
     // No iptables or nftables rules of fjord's in the node's namespace.
     let node_ns = c.node_netns();
     for cmd in [&["iptables-save"][..], &["nft", "list", "ruleset"][..]] {

@@ -162,3 +162,76 @@ async fn authentication_failure_is_reported_and_good_credentials_work() {
     let half = EtcdOptions { username: Some("root".into()), ..opts(&e) };
     assert!(EtcdStore::connect(&half).await.err().unwrap().to_string().contains("go together"));
 }
+
+/// Certificates made with the openssl CLI for one test: a CA, a server cert for 127.0.0.1,
+/// a client cert.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (Debian package openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=fjord-test-ca"]);
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{who}.key"), "-out", &format!("{who}.csr"), "-subj", &format!("/CN=fjord-{who}")]);
+        run(&[
+            "x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{who}.crt"), "-days", "2", "-extfile",
+            &format!("{who}.ext"),
+        ]);
+    }
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
+    let (cport, pport) = (free_port(), free_port());
+    let endpoint = format!("https://127.0.0.1:{cport}");
+    let mut child = std::process::Command::new(etcd_bin())
+        .args(["--name", "fjtls", "--data-dir"])
+        .arg(d.join("data"))
+        .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{pport}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{pport}")])
+        .args(["--initial-cluster", &format!("fjtls=http://127.0.0.1:{pport}")])
+        .arg("--cert-file").arg(d.join("server.crt"))
+        .arg("--key-file").arg(d.join("server.key"))
+        .arg("--trusted-ca-file").arg(d.join("ca.crt"))
+        .arg("--client-cert-auth")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start etcd");
+    let good = EtcdOptions {
+        endpoints: vec![endpoint.clone()],
+        ca_file: Some(d.join("ca.crt")),
+        cert_file: Some(d.join("client.crt")),
+        key_file: Some(d.join("client.key")),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let s = loop {
+        match EtcdStore::connect(&good).await {
+            Ok(s) => break s,
+            Err(e) => {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    let _ = child.kill();
+                    panic!("TLS connect failed: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    s.put("/fjord/v1/tls/x", b"1".to_vec(), None).await.unwrap();
+    assert_eq!(s.get("/fjord/v1/tls/x").await.unwrap().unwrap().value, b"1");
+    // Without a client certificate the server refuses.
+    let no_cert = EtcdOptions { endpoints: vec![endpoint.clone()], ca_file: Some(d.join("ca.crt")), timeout: Some(Duration::from_secs(3)), ..Default::default() };
+    assert!(EtcdStore::connect(&no_cert).await.is_err(), "etcd with --client-cert-auth accepted a client without a certificate");
+    // A missing certificate file is named.
+    let missing = EtcdOptions { cert_file: Some(d.join("nope.crt")), ..good.clone() };
+    let e = EtcdStore::connect(&missing).await.err().unwrap().to_string();
+    assert!(e.contains("nope.crt"), "{e}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
