@@ -58,11 +58,36 @@ demo() {
   say "ICMP: client -> web ($web)"
   $ctl pod exec default/client -- ping -c 3 -W 2 "$web"
   say "TCP: an HTTP server in web, curl from client"
-  $ctl pod exec default/web -- python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1 &
+  $ctl pod exec default/web -- timeout 120 python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1 &
   local srv=$!
   for _ in $(seq 50); do $ctl pod exec default/client -- curl -s -o /dev/null "http://$web:8080/" && break; sleep 0.1; done
   $ctl pod exec default/client -- curl -s -w '\nHTTP %{http_code} from %{remote_ip} in %{time_total}s\n' -o /dev/null "http://$web:8080/"
-  kill $srv 2>/dev/null || true
+  kill $srv 2>/dev/null || true; wait $srv 2>/dev/null || true
+  say "Service: a ClusterIP in front of web, load-balanced by eBPF (no iptables)"
+  $ctl apply -f - <<'YAML'
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+YAML
+  $ctl get services
+  local vip
+  vip=$($ctl get services web -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["spec"]["clusterIP"])')
+  for _ in $(seq 50); do $ctl get endpoints web | grep -q 8080 && break; sleep 0.1; done
+  $ctl get endpoints
+  $ctl pod exec default/web -- timeout 120 python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1 &
+  srv=$!
+  for _ in $(seq 50); do $ctl pod exec default/client -- curl -s -o /dev/null "http://$vip/" && break; sleep 0.1; done
+  $ctl pod exec default/client -- curl -s -w '\nHTTP %{http_code} via ClusterIP %{remote_ip}:80 in %{time_total}s\n' -o /dev/null "http://$vip/"
+  kill $srv 2>/dev/null || true; wait $srv 2>/dev/null || true
   say "UDP: client -> web"
   $ctl pod exec default/web -- timeout 5 nc -u -l -W 1 9999 &
   sleep 0.3

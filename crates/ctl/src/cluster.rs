@@ -463,12 +463,14 @@ pub fn list(home: &Home) -> Vec<String> {
     v
 }
 
-/// Run a command inside a namespace; returns its exit code.
+/// Replace this process with a command running inside a namespace (like `ip netns exec`),
+/// so signals and the exit code are the command's own. Returns only on failure.
 pub fn exec_in(ns: &Path, argv: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
     let (prog, args) = argv.split_first().context("no command given (use: -- CMD ARGS...)")?;
     let mut cmd = std::process::Command::new(prog);
     cmd.args(args);
     netns::command_in(&mut cmd, ns)?;
-    let status = cmd.status().with_context(|| format!("running {prog}"))?;
-    Ok(status.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
+    let err = cmd.exec();
+    Err(anyhow::Error::from(err).context(format!("running {prog} in {}", ns.display())))
 }
