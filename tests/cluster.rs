@@ -303,3 +303,41 @@ async fn a_clusterip_with_backends_on_three_nodes_works_from_every_node() {
         assert!(seen.is_some(), "clients on node{} did not reach backends on all three nodes", i + 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_with_kill_9_keeps_its_pods_working_and_resyncs_on_restart() {
+    let mut c = TestCluster::up_with(3, "etcd", "native").await;
+    for i in 0..3 {
+        wait_routes(&c, i, 2).await;
+    }
+    let a = pod::add(&c.state, Some("node1"), "default/a", BTreeMap::new()).await.unwrap();
+    let b = pod::add(&c.state, Some("node2"), "default/b", BTreeMap::new()).await.unwrap();
+    let l = tcp_listen_in(&pod_netns(&b), "0.0.0.0:7400");
+    let srv = echo_server(l, 2);
+    let mut conn = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7400)).unwrap();
+    assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before");
+    let node2 = c.node_n(1).clone();
+    let pid = node2.agent_pid.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(eventually(Duration::from_secs(10), || async { (!fjordctl::cluster::pid_alive(pid)).then_some(()) }).await.is_some());
+    // Its pod keeps working: the established flow and a new connection.
+    assert_eq!(roundtrip(&mut conn, b"agent-dead").unwrap(), b"agent-dead");
+    let mut conn2 = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7400)).expect("new connection while node2's agent is dead");
+    assert_eq!(roundtrip(&mut conn2, b"new").unwrap(), b"new");
+    // Restart: same PodCIDR, routes everywhere again, the flow survives.
+    let new_pid = fjordctl::cluster::start_agent(&bin_dir(), &node2).unwrap();
+    fjordctl::cluster::wait_for_agent(&node2, new_pid).await.unwrap();
+    let mut st = c.home.load_cluster(&c.state.name).unwrap();
+    st.nodes[1].agent_pid = Some(new_pid);
+    c.home.save_cluster(&st).unwrap();
+    c.reload();
+    assert_eq!(c.client_n(1).status().await.unwrap().ipam.pod_cidr, node2.pod_cidr, "a node that comes back keeps its range");
+    for i in 0..3 {
+        wait_routes(&c, i, 2).await;
+    }
+    assert_eq!(roundtrip(&mut conn, b"after").unwrap(), b"after");
+    let p = pod::list(&c.state).await.unwrap();
+    assert_eq!(p.iter().find(|x| x.name == "b").unwrap().ip, b.ip);
+    drop((conn, conn2));
+    srv.join().unwrap();
+}
