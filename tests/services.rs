@@ -129,10 +129,9 @@ async fn clusterip_tcp_udp_spread_endpoints_and_no_iptables() {
     assert_eq!(from, SocketAddr::new(vip.into(), 53), "reverse NAT restores the service address");
 
     // A service without backends refuses at once (TCP RST), it does not time out.
-    let t0 = std::time::Instant::now();
+    // (ConnectionRefused means a RST came back; a silent drop would end in TimedOut.)
     let e = tcp_connect_in(&cns, SocketAddr::new(empty_vip.into(), 80)).expect_err("no backends");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(4), "refusal must be immediate, not a timeout");
 
     // A deleted pod leaves the service: no new connection reaches it.
     pod::del(&c.state, "default/web3").await.unwrap();
