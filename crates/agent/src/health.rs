@@ -37,7 +37,7 @@ fn checksum(b: &[u8]) -> u16 {
 }
 
 /// One ICMP echo over a raw socket (the agent runs as root); the RTT.
-async fn icmp_echo(dst: Ipv4Addr, id: u16, seq: u16, timeout: Duration) -> std::io::Result<Duration> {
+pub async fn icmp_echo(dst: Ipv4Addr, id: u16, seq: u16, timeout: Duration) -> std::io::Result<Duration> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
     sock.set_nonblocking(true)?;
