@@ -60,6 +60,9 @@ async fn run(n: usize) {
                         still.insert(ip);
                     }
                 }
+                if !still.is_empty() {
+                    eprintln!("node{}: {} of the pods did not answer yet (e.g. {:?}) at {:.1} s", i + 1, still.len(), still.iter().take(3).collect::<Vec<_>>(), t0.elapsed().as_secs_f64());
+                }
                 pending = still;
             }
             t0.elapsed()

@@ -119,10 +119,6 @@ pub struct RouteSync {
     pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
-fn mac_bytes(s: &str) -> Option<Vec<u8>> {
-    let v: Vec<u8> = s.split(':').filter_map(|x| u8::from_str_radix(x, 16).ok()).collect();
-    (v.len() == 6).then_some(v)
-}
 
 impl RouteSync {
     /// Prepare the local side of the overlay (VXLAN device) and return the VTEP MAC.
@@ -156,7 +152,7 @@ impl RouteSync {
             match self.routing {
                 Routing::Native => self.nl.replace_fjord_route(*cidr, addr, None, false).await?,
                 Routing::Vxlan => {
-                    let Some(mac) = n.vtep_mac.as_deref().and_then(mac_bytes) else {
+                    let Some(mac) = n.vtep_mac.as_deref().and_then(|m| crate::plumbing::mac_bytes(m).ok()) else {
                         warn!(node = %n.name, "remote node publishes no VTEP MAC (is it in VXLAN mode?); no route to it");
                         continue;
                     };

@@ -52,6 +52,7 @@ pub async fn configure(
     nl.add_addr(host_veth, gateway, 32).await?;
     nl.replace_route(Ipv4Net::new(ip, 32).unwrap(), None, Some(host_veth), true).await?;
     let host_mac = nl.link(host_veth).await?.map(|l| l.mac).unwrap_or_default();
+    let host_mac_bytes = mac_bytes(&host_mac).context("reading the host veth's MAC")?;
     let ifname_s = ifname.to_string();
     let pod = netns::run_async_in(netns_path, move || async move {
         let nl = Netlink::new().context("netlink socket in the pod namespace")?;
@@ -64,11 +65,24 @@ pub async fn configure(
         nl.add_addr(&ifname_s, ip, 32).await?;
         nl.replace_route(Ipv4Net::new(gateway, 32).unwrap(), None, Some(&ifname_s), true).await?;
         nl.replace_route("0.0.0.0/0".parse().unwrap(), Some(gateway), Some(&ifname_s), false).await?;
+        // Static neighbour entries on both ends: no ARP on pod start, and permanent entries do
+        // not count against the kernel's neighbour-table limit (gc_thresh3, shared by every
+        // namespace of the machine), which dynamic entries of ~1,000 pods overflow.
+        nl.replace_neighbour(&ifname_s, gateway, &host_mac_bytes).await?;
         let mac = nl.link(&ifname_s).await?.map(|l| l.mac).unwrap_or_default();
         Ok::<_, anyhow::Error>(PodSide { mac })
     })
     .await??;
+    let pod_mac = mac_bytes(&pod.mac).context("reading the pod interface's MAC")?;
+    nl.replace_neighbour(host_veth, ip, &pod_mac).await?;
     Ok((host_mac, pod))
+}
+
+/// `aa:bb:cc:dd:ee:ff` → 6 bytes.
+pub fn mac_bytes(s: &str) -> anyhow::Result<Vec<u8>> {
+    let v: Vec<u8> = s.split(':').filter_map(|x| u8::from_str_radix(x, 16).ok()).collect();
+    anyhow::ensure!(v.len() == 6, "{s:?} is not a MAC address");
+    Ok(v)
 }
 
 /// What CHECK found wrong (empty: all as set up).
