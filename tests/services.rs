@@ -209,3 +209,32 @@ spec:
     assert_eq!(r.objects, vec!["Service/default/a"]);
     c.client().apply("apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.77, ports: [{port: 80}]}\n").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_services_program_nothing_and_map_capacity_is_enforced_all_or_nothing() {
+    let c = TestCluster::up_full(1, "embedded", "native", vec!["--max-services".into(), "2".into()]).await;
+    let p = pod::add(&c.state, None, "default/db", [("app".to_string(), "db".to_string())].into()).await.unwrap();
+    // Headless: endpoints are published, the datapath holds nothing.
+    c.client().apply("apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}\n").await.unwrap();
+    let api = c.client();
+    let slices = eventually(Duration::from_secs(15), || async {
+        let s = api.endpointslices().await.ok()?;
+        (!s.is_empty()).then_some(s)
+    })
+    .await
+    .expect("headless service gets endpoints");
+    assert_eq!(slices[0]["endpoints"][0]["addresses"][0], p.ip.unwrap().to_string());
+    assert!(c.client().datapath_frontends().await.unwrap().is_empty(), "a headless service must not be in the datapath");
+    // The service map holds 2 frontends: a service with 2 ports fits, one more port does not —
+    // and a file that would overflow applies nothing.
+    c.client().apply("apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec: {ports: [{name: a, port: 80}, {name: b, port: 81}]}\n").await.unwrap();
+    let e = c
+        .client()
+        .apply("apiVersion: v1\nkind: Service\nmetadata: {name: ok}\nspec: {clusterIP: None, ports: [{port: 1}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: three}\nspec: {ports: [{port: 82}]}\n")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--max-services") && e.contains("nothing was applied"), "{e}");
+    let names: Vec<String> = c.client().services().await.unwrap().iter().map(|s| s["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, vec!["db", "two"], "half applied");
+}
