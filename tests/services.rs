@@ -238,3 +238,38 @@ async fn headless_services_program_nothing_and_map_capacity_is_enforced_all_or_n
     let names: Vec<String> = c.client().services().await.unwrap().iter().map(|s| s["metadata"]["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, vec!["db", "two"], "half applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_through_a_clusterip_survives_kill_9_and_restart_of_the_agent() {
+    let mut c = TestCluster::up().await;
+    let web = pod::add(&c.state, None, "default/web", [("app".to_string(), "web".to_string())].into()).await.unwrap();
+    let client = pod::add(&c.state, None, "default/client", BTreeMap::new()).await.unwrap();
+    let srv = echo_server(tcp_listen_in(&pod_netns(&web), "0.0.0.0:8080"), 3);
+    c.client().apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.60, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n").await.unwrap();
+    let vip = SocketAddr::new(Ipv4Addr::new(10, 96, 0, 60).into(), 80);
+    let cns = pod_netns(&client);
+    let mut conn = eventually(Duration::from_secs(15), || async { tcp_connect_in(&cns, vip).ok() }).await.expect("service reachable");
+    assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before");
+    let node = c.node().clone();
+    let pid = node.agent_pid.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(eventually(Duration::from_secs(10), || async { (!fjordctl::cluster::pid_alive(pid)).then_some(()) }).await.is_some());
+    // The maps and programs are pinned: the flow and new connections keep working without the agent.
+    assert_eq!(roundtrip(&mut conn, b"agent-dead").unwrap(), b"agent-dead");
+    let mut c2 = tcp_connect_in(&cns, vip).expect("new connection through the ClusterIP while the agent is dead");
+    assert_eq!(roundtrip(&mut c2, b"new").unwrap(), b"new");
+    let new_pid = fjordctl::cluster::start_agent(&bin_dir(), &node).unwrap();
+    fjordctl::cluster::wait_for_agent(&node, new_pid).await.unwrap();
+    let mut st = c.home.load_cluster(&c.state.name).unwrap();
+    st.nodes[0].agent_pid = Some(new_pid);
+    c.home.save_cluster(&st).unwrap();
+    c.reload();
+    assert_eq!(roundtrip(&mut conn, b"after-restart").unwrap(), b"after-restart");
+    let dp = c.client().status().await.unwrap().datapath.unwrap();
+    assert_eq!(dp.kube_proxy_replacement, "OK");
+    assert_eq!(dp.attached.len(), 2, "{:?}", dp.attached);
+    let mut c3 = tcp_connect_in(&cns, vip).expect("new connection after the restart");
+    assert_eq!(roundtrip(&mut c3, b"again").unwrap(), b"again");
+    drop((conn, c2, c3));
+    srv.join().unwrap();
+}
