@@ -142,6 +142,22 @@ async fn netns_deleted_behind_the_agents_back_is_cleaned_up() {
     assert_eq!(pods.iter().find(|p| p.name == "zombie").unwrap().status, "NetworkLost");
     // The healthy pod is untouched.
     assert_eq!(pods.iter().find(|p| p.name == "a").unwrap().ip, a.ip);
+
+    // A pod veth that no attachment owns (e.g. left by a failed DEL) goes at the next sweep.
+    netns::run_async_in(&c.node_netns(), || async {
+        let nl = fjord_net::Netlink::new().unwrap();
+        nl.add_veth("fj0123456789a", "fp0123456789a", None).await.unwrap();
+    })
+    .await
+    .unwrap();
+    let ns = c.node_netns();
+    let swept = eventually(Duration::from_secs(20), || {
+        let ns = ns.clone();
+        async move { (!links_in(&ns).await.iter().any(|l| l == "fj0123456789a" || l == "fp0123456789a")).then_some(()) }
+    })
+    .await;
+    assert!(swept.is_some(), "stray pod veth not removed by the sweep");
+    assert!(links_in(&c.node_netns()).await.contains(&c.client().attachments().await.unwrap()[0].host_veth), "the live pod's veth must stay");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -419,7 +419,20 @@ impl Agent {
             .map(|l| l.name)
             .collect();
         let mut cleaned = Vec::new();
-        for att in self.attachments().await? {
+        let atts = self.attachments().await?;
+        // Pod veths no attachment owns (a DEL whose link deletion failed, a crash between
+        // creating the pair and recording it): remove them with their routes.
+        let owned: HashSet<&str> = atts.iter().map(|a| a.host_veth.as_str()).collect();
+        let is_pod_veth = |n: &str| n.len() == 13 && (n.starts_with("fj") || n.starts_with("fp")) && n[2..].chars().all(|c| c.is_ascii_hexdigit());
+        for stray in links.iter().filter(|n| is_pod_veth(n) && !owned.contains(n.as_str()) && !owned.contains(format!("fj{}", &n[2..]).as_str())) {
+            if self.is_deleting(stray) {
+                continue;
+            }
+            if self.nl.delete_link(stray).await.unwrap_or(false) {
+                warn!(veth = %stray, reason, "removed a pod veth that no attachment owns");
+            }
+        }
+        for att in atts {
             let veth_gone = !links.contains(&att.host_veth);
             let netns_gone = !Path::new(&att.netns).exists();
             if (veth_gone || netns_gone) && !self.is_deleting(&att.host_veth) {
