@@ -317,20 +317,13 @@ async fn an_agent_killed_with_kill_9_keeps_its_pods_working_and_resyncs_on_resta
     let mut conn = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7400)).unwrap();
     assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before");
     let node2 = c.node_n(1).clone();
-    let pid = node2.agent_pid.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { (!fjordctl::cluster::pid_alive(pid)).then_some(()) }).await.is_some());
+    c.kill_agent(1).await;
     // Its pod keeps working: the established flow and a new connection.
     assert_eq!(roundtrip(&mut conn, b"agent-dead").unwrap(), b"agent-dead");
     let mut conn2 = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7400)).expect("new connection while node2's agent is dead");
     assert_eq!(roundtrip(&mut conn2, b"new").unwrap(), b"new");
     // Restart: same PodCIDR, routes everywhere again, the flow survives.
-    let new_pid = fjordctl::cluster::start_agent(&bin_dir(), &node2).unwrap();
-    fjordctl::cluster::wait_for_agent(&node2, new_pid).await.unwrap();
-    let mut st = c.home.load_cluster(&c.state.name).unwrap();
-    st.nodes[1].agent_pid = Some(new_pid);
-    c.home.save_cluster(&st).unwrap();
-    c.reload();
+    c.restart_agent(1).await;
     assert_eq!(c.client_n(1).status().await.unwrap().ipam.pod_cidr, node2.pod_cidr, "a node that comes back keeps its range");
     for i in 0..3 {
         wait_routes(&c, i, 2).await;

@@ -89,19 +89,10 @@ async fn agent_kill_9_and_restart_keeps_pods_flows_and_ips() {
     let mut conn = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7000)).unwrap();
     assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before");
 
-    let node = c.node().clone();
-    let pid = node.agent_pid.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { (!fjordctl::cluster::pid_alive(pid)).then_some(()) }).await.is_some());
+    c.kill_agent(0).await;
     // While the agent is down, the established connection keeps working.
     assert_eq!(roundtrip(&mut conn, b"agent-down").unwrap(), b"agent-down");
-
-    let new_pid = fjordctl::cluster::start_agent(&bin_dir(), &node).unwrap();
-    fjordctl::cluster::wait_for_agent(&node, new_pid).await.unwrap();
-    let mut st = c.home.load_cluster(&c.state.name).unwrap();
-    st.nodes[0].agent_pid = Some(new_pid);
-    c.home.save_cluster(&st).unwrap();
-    c.reload();
+    c.restart_agent(0).await;
 
     assert_eq!(roundtrip(&mut conn, b"after-restart").unwrap(), b"after-restart");
     let pods = pod::list(&c.state).await.unwrap();

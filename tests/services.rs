@@ -250,20 +250,12 @@ async fn a_connection_through_a_clusterip_survives_kill_9_and_restart_of_the_age
     let cns = pod_netns(&client);
     let mut conn = eventually(Duration::from_secs(15), || async { tcp_connect_in(&cns, vip).ok() }).await.expect("service reachable");
     assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before");
-    let node = c.node().clone();
-    let pid = node.agent_pid.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { (!fjordctl::cluster::pid_alive(pid)).then_some(()) }).await.is_some());
+    c.kill_agent(0).await;
     // The maps and programs are pinned: the flow and new connections keep working without the agent.
     assert_eq!(roundtrip(&mut conn, b"agent-dead").unwrap(), b"agent-dead");
     let mut c2 = tcp_connect_in(&cns, vip).expect("new connection through the ClusterIP while the agent is dead");
     assert_eq!(roundtrip(&mut c2, b"new").unwrap(), b"new");
-    let new_pid = fjordctl::cluster::start_agent(&bin_dir(), &node).unwrap();
-    fjordctl::cluster::wait_for_agent(&node, new_pid).await.unwrap();
-    let mut st = c.home.load_cluster(&c.state.name).unwrap();
-    st.nodes[0].agent_pid = Some(new_pid);
-    c.home.save_cluster(&st).unwrap();
-    c.reload();
+    c.restart_agent(0).await;
     assert_eq!(roundtrip(&mut conn, b"after-restart").unwrap(), b"after-restart");
     let dp = c.client().status().await.unwrap().datapath.unwrap();
     assert_eq!(dp.kube_proxy_replacement, "OK");

@@ -101,6 +101,25 @@ impl TestCluster {
         AgentClient::new(&self.node().api_socket)
     }
 
+    /// `kill -9` the agent of node `i` and wait until every thread of it is gone.
+    pub async fn kill_agent(&self, i: usize) {
+        let pid = self.state.nodes[i].agent_pid.expect("agent pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let dead = eventually(Duration::from_secs(10), || async { (!cluster::pid_alive(pid)).then_some(()) }).await;
+        assert!(dead.is_some(), "agent {pid} survived SIGKILL");
+    }
+
+    /// Start node `i`'s agent again (as `cluster up` did), wait for it, record its pid.
+    pub async fn restart_agent(&mut self, i: usize) {
+        let node = self.state.nodes[i].clone();
+        let pid = cluster::start_agent(&bin_dir(), &node).unwrap();
+        cluster::wait_for_agent(&node, pid).await.unwrap();
+        let mut st = self.home.load_cluster(&self.state.name).unwrap();
+        st.nodes[i].agent_pid = Some(pid);
+        self.home.save_cluster(&st).unwrap();
+        self.reload();
+    }
+
     pub fn reload(&mut self) {
         self.state = self.home.load_cluster(&self.state.name).unwrap();
     }
