@@ -24,6 +24,7 @@
  *   fjord_ct        LRU_HASH    fj_ct_key     -> fj_ct_value    conntrack, both directions
  *   fjord_config    ARRAY[1]    __u32 0       -> fj_config      maglev_size etc., written by the loader
  *   fjord_stats     PERCPU_ARRAY __u32 FJ_STAT_* -> __u64       datapath counters
+ *   fjord_affinity  LRU_HASH    fj_affinity_key -> fj_affinity_value  sessionAffinity ClientIP
  *   fjord_sock_rn   LRU_HASH    __u64 socket cookie -> fj_sock_revnat  socket-LB: the service a
  *                               socket was connected to (restored by getpeername/recvmsg)
  */
@@ -47,14 +48,20 @@ struct fj_svc_value {
 	__u32 service_id;    /* stable id of this frontend; also its rev_nat_id */
 	__u32 table_id;      /* which maglev table in fjord_maglev */
 	__u32 backend_count; /* 0 => no backend: TCP SYN gets a RST, UDP an ICMP port unreachable, rest dropped */
-	__u32 flags;         /* reserved, 0 */
+	__u32 flags;         /* FJ_SVC_F_* */
+	__u32 affinity_timeout_s; /* sessionAffinity ClientIP: seconds a client sticks to its backend */
+	__u32 pad;           /* must be 0 */
 };
+
+#define FJ_SVC_F_AFFINITY 1 /* sessionAffinity: ClientIP (fjord_affinity) */
+#define FJ_SVC_F_EXTERNAL 2 /* NodePort / externalIP / LoadBalancer frontend: also reachable from the
+			     * node's underlay (fjord_from_net); remote backends get SNAT to the node */
 
 struct fj_backend {
 	__be32 ip;
 	__be16 port;
 	__u8 proto;
-	__u8 flags; /* reserved, 0 */
+	__u8 flags; /* reserved, 0 (whether a backend is local is decided by the node's PodCIDR in fj_config) */
 };
 
 struct fj_revnat {
@@ -63,8 +70,20 @@ struct fj_revnat {
 	__u16 pad;
 };
 
-#define FJ_CT_DIR_FWD 0   /* client -> service VIP (original direction, before DNAT) */
-#define FJ_CT_DIR_REPLY 1 /* backend -> client (reply direction, before reverse NAT) */
+#define FJ_CT_DIR_FWD 0      /* client -> service VIP (original direction, before DNAT) */
+#define FJ_CT_DIR_REPLY 1    /* backend -> client or SNAT address (reply direction, before reverse NAT) */
+#define FJ_CT_DIR_SNAT_FWD 2 /* masquerade: pod -> outside (before SNAT) */
+#define FJ_CT_DIR_SNAT_REV 3 /* masquerade: outside -> node address:allocated port (before reverse SNAT) */
+
+/* TCP state of a conntrack entry (fj_ct_value.state); 0 for UDP */
+#define FJ_CT_SYN 1         /* SYN seen, no answer yet */
+#define FJ_CT_ESTABLISHED 2 /* the backend answered */
+#define FJ_CT_CLOSING 3     /* FIN or RST seen */
+
+/* fj_ct_value.flags */
+#define FJ_CT_F_SNAT 1    /* the source was rewritten too: FWD: to nat_ip:nat_port; REPLY: restore the
+			   * destination to orig_ip:orig_port (NodePort to a remote backend, hairpin) */
+#define FJ_CT_F_HAIRPIN 2 /* client and backend are the same pod (source rewritten to hairpin_ip) */
 
 struct fj_ct_key {
 	__be32 saddr;
@@ -81,8 +100,26 @@ struct fj_ct_value {
 	__u32 rev_nat_id;   /* service_id of the frontend */
 	__be32 backend_ip;  /* DNAT target (FWD) */
 	__be16 backend_port;
-	__u16 flags;        /* reserved */
+	__u8 state;         /* FJ_CT_SYN / _ESTABLISHED / _CLOSING (TCP), 0 (UDP) */
+	__u8 flags;         /* FJ_CT_F_* */
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet */
+	__be32 nat_ip;      /* FWD + FJ_CT_F_SNAT, SNAT_FWD: the new source address */
+	__be16 nat_port;    /* ... and port */
+	__be16 orig_port;   /* REPLY + FJ_CT_F_SNAT, SNAT_REV: the destination port to restore */
+	__be32 orig_ip;     /* ... and address */
+	__u32 pad;          /* must be 0 */
+};
+
+/* sessionAffinity ClientIP: the backend a client stuck to */
+struct fj_affinity_key {
+	__u32 service_id;
+	__be32 client_ip;
+};
+
+struct fj_affinity_value {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_ns; /* bpf_ktime_get_ns() of the client's last new flow */
 };
 
 struct fj_sock_revnat {
@@ -96,11 +133,25 @@ struct fj_sock_revnat {
 struct fj_config {
 	__u32 maglev_size; /* M, prime; slot = flow_hash % M */
 	__u32 max_tables;  /* number of tables in fjord_maglev */
-	__u32 flags;       /* reserved */
+	__u32 flags;       /* FJ_CFG_F_* */
 	__u32 version;     /* layout version, FJ_LAYOUT_VERSION */
+	__be32 node_ip;    /* the node's underlay address: NodePort SNAT and masquerade source */
+	__be32 pod_net;    /* this node's PodCIDR (network, mask): backends inside are local */
+	__be32 pod_mask;
+	__be32 cluster_net; /* the cluster CIDR (network, mask): no masquerade inside it */
+	__be32 cluster_mask;
+	__be32 hairpin_ip; /* source of hairpinned flows (a pod reaching itself through a service) */
+	__u16 snat_port_min; /* SNAT port range (host order), outside the kernel's ephemeral range */
+	__u16 snat_port_max;
+	__u32 tcp_syn_s;   /* conntrack timeouts, seconds */
+	__u32 tcp_established_s;
+	__u32 tcp_closing_s;
+	__u32 udp_s;
 };
 
-#define FJ_LAYOUT_VERSION 1
+#define FJ_CFG_F_MASQUERADE 1 /* SNAT pod traffic leaving the cluster CIDR through the underlay */
+
+#define FJ_LAYOUT_VERSION 2
 
 enum fj_stat {
 	FJ_STAT_DNAT = 0,        /* packets DNATed to a backend */
@@ -114,7 +165,13 @@ enum fj_stat {
 	FJ_STAT_SOCK_LB = 8,     /* connect()/sendmsg() translated by the socket LB */
 	FJ_STAT_ICMP_SENT = 9,   /* ICMP port unreachable generated for UDP to services without backends */
 	FJ_STAT_CT_STALE = 10,   /* stale reply-direction entries removed (tuple reused by a direct flow) */
-	FJ_STAT_MAX = 11,
+	FJ_STAT_NODEPORT = 11,   /* new flows from the underlay to NodePort/external frontends */
+	FJ_STAT_SNAT = 12,       /* new SNAT port allocations (NodePort to remote backend, masquerade) */
+	FJ_STAT_SNAT_FAIL = 13,  /* no free SNAT port after every retry (packet dropped) */
+	FJ_STAT_HAIRPIN = 14,    /* new hairpin flows (a pod reaching itself through a service) */
+	FJ_STAT_AFFINITY = 15,   /* new flows that followed sessionAffinity */
+	FJ_STAT_CT_EXPIRED = 16, /* conntrack entries found expired by the datapath (flow restarted) */
+	FJ_STAT_MAX = 17,
 };
 
 #endif /* FJORD_H */

@@ -1,19 +1,33 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * fjord_lb.c — fjord's eBPF kube-proxy replacement (ClusterIP, IPv4, TCP+UDP).
+ * fjord_lb.c — fjord's eBPF kube-proxy replacement (IPv4, TCP+UDP).
  *
- * Two tc programs, attached to every pod's host-side veth in the node netns:
- *   fjord_from_pod  (tc ingress: packets the pod sends)
- *       conntrack lookup -> else service lookup (hash, O(1)) -> Maglev slot
- *       (flow hash % M) -> backend -> conntrack entries (both directions) ->
- *       DNAT (IPv4 + L4 checksum fixups). A TCP SYN to a service without
- *       backends is answered with a TCP RST, a UDP datagram with ICMP port
- *       unreachable; other such packets are dropped.
- *   fjord_to_pod    (tc egress: packets toward the pod)
- *       reply-direction conntrack lookup -> reverse NAT source back to the
- *       service VIP:port (rev-nat map).
+ * tc programs in the node netns:
+ *   fjord_from_pod  (ingress of every pod's host-side veth: packets the pod sends)
+ *       1. reply of a flow the pod serves as a backend -> reverse NAT (source back
+ *          to the service address; hairpin and NodePort replies are sent on directly)
+ *       2. conntrack hit -> same backend (unless it is gone or the entry expired)
+ *       3. service lookup (hash, O(1)) -> sessionAffinity or Maglev slot
+ *          (flow hash % M) -> backend -> conntrack entries (both directions) ->
+ *          DNAT (IPv4 + L4 checksum fixups). A pod reaching itself (hairpin) gets
+ *          its source rewritten to the hairpin address and the packet is sent back.
+ *       A TCP SYN to a service without backends is answered with a TCP RST, a UDP
+ *       datagram with ICMP port unreachable; other such packets are dropped.
+ *   fjord_to_pod    (egress of every pod's host-side veth: packets toward the pod)
+ *       reply-direction conntrack lookup -> reverse NAT source back to the service.
+ *   fjord_from_net  (ingress of the node's underlay device and its VXLAN device)
+ *       replies of SNATed flows (NodePort to a remote backend, masquerade) ->
+ *       reverse translation; new flows to NodePort/externalIP/LoadBalancer
+ *       frontends -> backend; a remote backend gets the node's address as source
+ *       (port from the SNAT range, collision retries) so replies come back here.
+ *   fjord_to_net    (egress of the node's underlay device)
+ *       masquerade: pod traffic to destinations outside the cluster CIDR leaves
+ *       with the node's address (eBPF SNAT, port allocation with retries).
  * No loops over services or backends: every decision is a map lookup.
- * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments.
+ * TCP state is tracked per entry (SYN, established, closing) with per-protocol
+ * timeouts from fj_config; the agent's GC removes expired entries, the LRU map
+ * evicts the oldest when full (new flows are never refused for lack of space).
+ * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments, ICMP.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -22,6 +36,7 @@
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <linux/pkt_cls.h>
+#include <linux/if_packet.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -248,103 +263,277 @@ static __always_inline int fj_reply_icmp_unreach(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-SEC("classifier")
-int fjord_from_pod(struct __sk_buff *skb)
+#define FJ_TCP_FIN 0x01
+#define FJ_TCP_SYN 0x02
+#define FJ_TCP_RST 0x04
+#define FJ_TCP_ACK 0x10
+#define FJ_SNAT_TRIES 16
+#define FJ_NS 1000000000ULL
+
+static __always_inline int fj_is_syn(struct fj_tuple *t)
 {
-	struct fj_tuple t = {};
-	if (fj_parse(skb, &t))
-		return TC_ACT_OK;
+	return t->proto == IPPROTO_TCP && (t->tcp_flags & (FJ_TCP_SYN | FJ_TCP_ACK)) == FJ_TCP_SYN;
+}
 
-	struct fj_ct_key ck = {};
-	ck.saddr = t.saddr;
-	ck.daddr = t.daddr;
-	ck.sport = t.sport;
-	ck.dport = t.dport;
-	ck.proto = t.proto;
-	ck.dir = FJ_CT_DIR_FWD;
+static __always_inline struct fj_config *fj_cfg(void)
+{
+	__u32 zero = 0;
+	struct fj_config *cfg = bpf_map_lookup_elem(&fjord_config, &zero);
+	if (!cfg || cfg->maglev_size == 0)
+		return 0;
+	return cfg;
+}
 
-	__u64 now = bpf_ktime_get_ns();
-	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &ck);
-	if (ct) {
-		__u32 bid = ct->backend_id;
-		__u32 rid = ct->rev_nat_id;
-		struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
-		/* the flow's service must still exist with this address (ids are reused) */
-		struct fj_revnat *rn = bpf_map_lookup_elem(&fjord_revnat, &rid);
-		if (be && be->ip == ct->backend_ip && be->port == ct->backend_port && rn && rn->vip == t.daddr &&
-		    rn->port == t.dport) {
-			ct->last_seen_ns = now;
-			fj_count(FJ_STAT_CT_HIT);
-			if (fj_rewrite(skb, t.proto, FJ_IP_DADDR_OFF, t.daddr, be->ip, FJ_DPORT_OFF, t.dport,
-				       be->port)) {
-				fj_count(FJ_STAT_ERROR);
-				return TC_ACT_SHOT;
-			}
-			fj_count(FJ_STAT_DNAT);
-			return TC_ACT_OK;
-		}
+/* How long an entry in this state lives without packets. */
+static __always_inline __u64 fj_timeout_ns(struct fj_config *cfg, __u8 proto, __u8 state)
+{
+	__u32 s;
+	if (proto != IPPROTO_TCP)
+		s = cfg->udp_s;
+	else if (state == FJ_CT_ESTABLISHED)
+		s = cfg->tcp_established_s;
+	else if (state == FJ_CT_CLOSING)
+		s = cfg->tcp_closing_s;
+	else
+		s = cfg->tcp_syn_s;
+	return (__u64)s * FJ_NS;
+}
+
+static __always_inline int fj_expired(struct fj_config *cfg, struct fj_ct_value *ct, __u8 proto, __u64 now)
+{
+	return now > ct->last_seen_ns && now - ct->last_seen_ns > fj_timeout_ns(cfg, proto, ct->state);
+}
+
+/* Advance an entry's TCP state on a packet (reply: the packet goes backend -> client). */
+static __always_inline void fj_ct_track(struct fj_ct_value *ct, struct fj_tuple *t, int reply, __u64 now)
+{
+	ct->last_seen_ns = now;
+	if (t->proto != IPPROTO_TCP)
+		return;
+	if (t->tcp_flags & (FJ_TCP_FIN | FJ_TCP_RST))
+		ct->state = FJ_CT_CLOSING;
+	else if (!reply && fj_is_syn(t))
+		ct->state = FJ_CT_SYN; /* the client starts over on the same tuple */
+	else if (reply && ct->state == FJ_CT_SYN && (t->tcp_flags & FJ_TCP_ACK))
+		ct->state = FJ_CT_ESTABLISHED;
+}
+
+static __always_inline void fj_ct_key_of(struct fj_ct_key *k, __be32 s, __be32 d, __be16 sp, __be16 dp, __u8 proto,
+					 __u8 dir)
+{
+	k->saddr = s;
+	k->daddr = d;
+	k->sport = sp;
+	k->dport = dp;
+	k->proto = proto;
+	k->dir = dir;
+	k->pad = 0;
+}
+
+/* Send the packet back out of the interface it came in on (to the pod). */
+static __always_inline int fj_bounce(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	__u8 mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Route a translated packet ourselves (FIB lookup + redirect). Needed when its
+ * source became one of the node's own addresses: the kernel's input path would
+ * drop it as a martian. Destinations local to the node go up the stack. */
+static __always_inline int fj_fib_redirect(struct __sk_buff *skb, __be32 saddr, __be32 daddr)
+{
+	struct bpf_fib_lookup p = {};
+	p.family = 2; /* AF_INET */
+	p.ipv4_src = saddr;
+	p.ipv4_dst = daddr;
+	p.ifindex = skb->ingress_ifindex;
+	p.tot_len = skb->len - ETH_HLEN;
+	long rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, p.dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, p.smac, ETH_ALEN, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect(p.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(p.ifindex, 0, 0, 0);
+	return TC_ACT_OK;
+}
+
+/* The reply of a service flow: restore the service address as source (and, for
+ * SNATed flows, the client as destination). */
+static __always_inline int fj_do_reply(struct __sk_buff *skb, struct fj_tuple *t, struct fj_ct_value *ct,
+				       struct fj_config *cfg, __u64 now, int from_net)
+{
+	__u32 rid = ct->rev_nat_id;
+	struct fj_revnat *rn = bpf_map_lookup_elem(&fjord_revnat, &rid);
+	if (!rn)
+		return TC_ACT_OK; /* service deleted: nothing to restore */
+	__be32 vip = rn->vip;
+	__be16 vport = rn->port;
+	__u8 flags = ct->flags;
+	__be32 ndst = t->daddr;
+	__be16 ndport = t->dport;
+	if (flags & FJ_CT_F_SNAT) {
+		ndst = ct->orig_ip;
+		ndport = ct->orig_port;
+	}
+	fj_ct_track(ct, t, 1, now);
+	/* the forward entry carries the flow's state for GC and expiry */
+	struct fj_ct_key fk;
+	fj_ct_key_of(&fk, ndst, vip, ndport, vport, t->proto, FJ_CT_DIR_FWD);
+	struct fj_ct_value *f = bpf_map_lookup_elem(&fjord_ct, &fk);
+	if (f)
+		fj_ct_track(f, t, 1, now);
+
+	if (fj_rewrite(skb, t->proto, FJ_IP_SADDR_OFF, t->saddr, vip, FJ_SPORT_OFF, t->sport, vport))
+		goto err;
+	if ((flags & FJ_CT_F_SNAT) &&
+	    fj_rewrite(skb, t->proto, FJ_IP_DADDR_OFF, t->daddr, ndst, FJ_DPORT_OFF, t->dport, ndport))
+		goto err;
+	fj_count(FJ_STAT_REVNAT);
+	if (flags & FJ_CT_F_HAIRPIN)
+		return fj_bounce(skb);
+	if (from_net || vip == cfg->node_ip)
+		return fj_fib_redirect(skb, vip, ndst);
+	return TC_ACT_OK;
+err:
+	fj_count(FJ_STAT_ERROR);
+	return TC_ACT_SHOT;
+}
+
+/* A conntrack hit in the forward direction: the flow keeps its backend if that
+ * backend and the service still exist and the entry has not expired. Returns
+ * -1 if the flow must be treated as new, else a tc action. */
+static __always_inline int fj_do_fwd_hit(struct __sk_buff *skb, struct fj_tuple *t, struct fj_ct_value *ct,
+					 struct fj_config *cfg, __u64 now, int from_net)
+{
+	__u32 bid = ct->backend_id;
+	__u32 rid = ct->rev_nat_id;
+	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
+	/* the flow's service must still exist with this address (ids are reused) */
+	struct fj_revnat *rn = bpf_map_lookup_elem(&fjord_revnat, &rid);
+	if (!be || be->ip != ct->backend_ip || be->port != ct->backend_port || !rn || rn->vip != t->daddr ||
+	    rn->port != t->dport) {
 		/* the backend (or the service) of this flow is gone: look the service up again */
 		fj_count(FJ_STAT_RESELECT);
+		return -1;
 	}
+	if (fj_expired(cfg, ct, t->proto, now)) {
+		fj_count(FJ_STAT_CT_EXPIRED);
+		return -1;
+	}
+	__be32 bip = be->ip;
+	__be16 bport = be->port;
+	__u8 flags = ct->flags;
+	__be32 nat_ip = ct->nat_ip;
+	__be16 nat_port = ct->nat_port;
+	fj_ct_track(ct, t, 0, now);
+	fj_count(FJ_STAT_CT_HIT);
+	if (fj_rewrite(skb, t->proto, FJ_IP_DADDR_OFF, t->daddr, bip, FJ_DPORT_OFF, t->dport, bport))
+		goto err;
+	if ((flags & FJ_CT_F_SNAT) &&
+	    fj_rewrite(skb, t->proto, FJ_IP_SADDR_OFF, t->saddr, nat_ip, FJ_SPORT_OFF, t->sport, nat_port))
+		goto err;
+	fj_count(FJ_STAT_DNAT);
+	if (flags & FJ_CT_F_HAIRPIN)
+		return fj_bounce(skb);
+	if (from_net && (flags & FJ_CT_F_SNAT))
+		return fj_fib_redirect(skb, nat_ip, bip);
+	return TC_ACT_OK;
+err:
+	fj_count(FJ_STAT_ERROR);
+	return TC_ACT_SHOT;
+}
 
-	struct fj_svc_key sk = {};
-	sk.vip = t.daddr;
-	sk.port = t.dport;
-	sk.proto = t.proto;
-	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
-	if (!svc) {
-		/* Not a service address. If this starts a flow (TCP SYN, any UDP) whose
-		 * replies would match the reply-direction conntrack entry of an old
-		 * service flow with the same tuple (client port reused for a direct
-		 * connection to the backend), drop that stale entry so the replies
-		 * are not reverse-NATed to the VIP. */
-		if (t.proto == IPPROTO_UDP || (t.tcp_flags & 0x12) == 0x02) {
-			struct fj_ct_key stale = {};
-			stale.saddr = t.daddr;
-			stale.daddr = t.saddr;
-			stale.sport = t.dport;
-			stale.dport = t.sport;
-			stale.proto = t.proto;
-			stale.dir = FJ_CT_DIR_REPLY;
-			if (bpf_map_lookup_elem(&fjord_ct, &stale)) {
-				bpf_map_delete_elem(&fjord_ct, &stale);
-				fj_count(FJ_STAT_CT_STALE);
+/* Pick the backend of a new flow: the client's sticky backend (sessionAffinity
+ * ClientIP) while it is fresh, else the Maglev slot of the flow hash. */
+static __always_inline struct fj_backend *fj_select(struct fj_tuple *t, struct fj_config *cfg, __u32 service_id,
+						    __u32 table_id, __u32 svc_flags, __u32 aff_timeout, __u64 now,
+						    __u32 *bid_out)
+{
+	struct fj_affinity_key ak = {};
+	ak.service_id = service_id;
+	ak.client_ip = t->saddr;
+	if (svc_flags & FJ_SVC_F_AFFINITY) {
+		struct fj_affinity_value *av = bpf_map_lookup_elem(&fjord_affinity, &ak);
+		if (av && now >= av->last_ns && now - av->last_ns <= (__u64)aff_timeout * FJ_NS) {
+			__u32 abid = av->backend_id;
+			struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &abid);
+			if (be) {
+				av->last_ns = now;
+				*bid_out = abid;
+				fj_count(FJ_STAT_AFFINITY);
+				return be;
 			}
 		}
-		return TC_ACT_OK;
 	}
+	void *table = bpf_map_lookup_elem(&fjord_maglev, &table_id);
+	if (!table)
+		return 0;
+	__u32 slot = fj_flow_hash(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto) %
+		     cfg->maglev_size;
+	__u32 *bidp = bpf_map_lookup_elem(table, &slot);
+	if (!bidp)
+		return 0;
+	__u32 bid = *bidp;
+	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
+	if (!be)
+		return 0;
+	if (svc_flags & FJ_SVC_F_AFFINITY) {
+		struct fj_affinity_value nv = {};
+		nv.backend_id = bid;
+		nv.last_ns = now;
+		bpf_map_update_elem(&fjord_affinity, &ak, &nv, BPF_ANY);
+	}
+	*bid_out = bid;
+	return be;
+}
 
-	__u32 service_id = svc->service_id;
-	__u32 table_id = svc->table_id;
-	if (svc->backend_count == 0) {
+/* Reserve a free SNAT port: insert the reply-side entry `rk` (its dport is the
+ * candidate port) with BPF_NOEXIST, trying FJ_SNAT_TRIES ports of the range
+ * spread by the flow hash. Returns the port (network order) or 0. */
+static __always_inline __be16 fj_snat_alloc(struct fj_config *cfg, struct fj_ct_key *rk, struct fj_ct_value *rv,
+					    __u32 hash)
+{
+	__u32 lo = cfg->snat_port_min, hi = cfg->snat_port_max;
+	if (lo == 0 || hi < lo)
+		return 0;
+	__u32 range = hi - lo + 1;
+	for (int i = 0; i < FJ_SNAT_TRIES; i++) {
+		__be16 port = bpf_htons((__u16)(lo + (hash + (__u32)i * 40503u) % range));
+		rk->dport = port;
+		if (bpf_map_update_elem(&fjord_ct, rk, rv, BPF_NOEXIST) == 0)
+			return port;
+	}
+	fj_count(FJ_STAT_SNAT_FAIL);
+	return 0;
+}
+
+/* A new flow to service `svc` (copied fields): choose a backend, write both
+ * conntrack entries and translate. from_net: arrived on the underlay. */
+static __always_inline int fj_new_flow(struct __sk_buff *skb, struct fj_tuple *t, struct fj_ct_key *ck,
+				       struct fj_config *cfg, __u64 now, __u32 service_id, __u32 table_id,
+				       __u32 backend_count, __u32 svc_flags, __u32 aff_timeout, int from_net)
+{
+	if (backend_count == 0) {
 		fj_count(FJ_STAT_NO_BACKEND);
-		if (t.proto == IPPROTO_TCP && (t.tcp_flags & 0x12) == 0x02) /* SYN without ACK */
+		if (fj_is_syn(t))
 			return fj_reply_rst(skb);
-		if (t.proto == IPPROTO_UDP)
+		if (t->proto == IPPROTO_UDP)
 			return fj_reply_icmp_unreach(skb);
 		return TC_ACT_SHOT;
 	}
-
-	__u32 zero = 0;
-	struct fj_config *cfg = bpf_map_lookup_elem(&fjord_config, &zero);
-	if (!cfg || cfg->maglev_size == 0) {
-		fj_count(FJ_STAT_ERROR);
-		return TC_ACT_SHOT;
-	}
-	void *table = bpf_map_lookup_elem(&fjord_maglev, &table_id);
-	if (!table) {
-		fj_count(FJ_STAT_ERROR);
-		return TC_ACT_SHOT;
-	}
-	__u32 slot = fj_flow_hash(t.saddr, t.daddr, ((__u32)t.sport << 16) | t.dport, t.proto) %
-		     cfg->maglev_size;
-	__u32 *bidp = bpf_map_lookup_elem(table, &slot);
-	if (!bidp) {
-		fj_count(FJ_STAT_ERROR);
-		return TC_ACT_SHOT;
-	}
-	__u32 bid = *bidp;
-	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
+	__u32 bid = 0;
+	struct fj_backend *be = fj_select(t, cfg, service_id, table_id, svc_flags, aff_timeout, now, &bid);
 	if (!be) {
 		fj_count(FJ_STAT_ERROR);
 		return TC_ACT_SHOT;
@@ -357,28 +546,117 @@ int fjord_from_pod(struct __sk_buff *skb)
 	cv.rev_nat_id = service_id;
 	cv.backend_ip = bip;
 	cv.backend_port = bport;
+	cv.state = t->proto == IPPROTO_TCP ? FJ_CT_SYN : 0;
 	cv.last_seen_ns = now;
-	struct fj_ct_key rk = {};
-	rk.saddr = bip;
-	rk.daddr = t.saddr;
-	rk.sport = bport;
-	rk.dport = t.sport;
-	rk.proto = t.proto;
-	rk.dir = FJ_CT_DIR_REPLY;
-	/* reply entry first: once the forward entry exists, replies must find theirs */
-	if (bpf_map_update_elem(&fjord_ct, &rk, &cv, BPF_ANY) ||
-	    bpf_map_update_elem(&fjord_ct, &ck, &cv, BPF_ANY)) {
-		fj_count(FJ_STAT_ERROR);
-		return TC_ACT_SHOT;
-	}
-	fj_count(FJ_STAT_CT_NEW);
+	struct fj_ct_key rk;
+	fj_ct_key_of(&rk, bip, t->saddr, bport, t->sport, t->proto, FJ_CT_DIR_REPLY);
 
-	if (fj_rewrite(skb, t.proto, FJ_IP_DADDR_OFF, t.daddr, bip, FJ_DPORT_OFF, t.dport, bport)) {
-		fj_count(FJ_STAT_ERROR);
-		return TC_ACT_SHOT;
+	int local = (bip & cfg->pod_mask) == cfg->pod_net;
+	int hairpin = !from_net && bip == t->saddr;
+	int snat = from_net && !local;
+	__be32 nat_ip = 0;
+	__be16 nat_port = 0;
+	if (hairpin || snat) {
+		cv.flags = FJ_CT_F_SNAT | (hairpin ? FJ_CT_F_HAIRPIN : 0);
+		cv.orig_ip = t->saddr;
+		cv.orig_port = t->sport;
 	}
+	/* reply entry first: once the forward entry exists, replies must find theirs */
+	if (hairpin) {
+		nat_ip = cfg->hairpin_ip;
+		nat_port = t->sport;
+		rk.daddr = nat_ip;
+		if (bpf_map_update_elem(&fjord_ct, &rk, &cv, BPF_ANY))
+			goto err;
+		fj_count(FJ_STAT_HAIRPIN);
+	} else if (snat) {
+		nat_ip = cfg->node_ip;
+		rk.daddr = nat_ip;
+		nat_port = fj_snat_alloc(cfg, &rk, &cv,
+					 fj_flow_hash(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, 0x5a));
+		if (!nat_port)
+			return TC_ACT_SHOT;
+		fj_count(FJ_STAT_SNAT);
+	} else if (bpf_map_update_elem(&fjord_ct, &rk, &cv, BPF_ANY)) {
+		goto err;
+	}
+	cv.nat_ip = nat_ip;
+	cv.nat_port = nat_port;
+	cv.orig_ip = 0;
+	cv.orig_port = 0;
+	if (bpf_map_update_elem(&fjord_ct, ck, &cv, BPF_ANY))
+		goto err;
+	fj_count(FJ_STAT_CT_NEW);
+	if (from_net)
+		fj_count(FJ_STAT_NODEPORT);
+
+	if (fj_rewrite(skb, t->proto, FJ_IP_DADDR_OFF, t->daddr, bip, FJ_DPORT_OFF, t->dport, bport))
+		goto err;
+	if ((hairpin || snat) &&
+	    fj_rewrite(skb, t->proto, FJ_IP_SADDR_OFF, t->saddr, nat_ip, FJ_SPORT_OFF, t->sport, nat_port))
+		goto err;
 	fj_count(FJ_STAT_DNAT);
+	if (hairpin)
+		return fj_bounce(skb);
+	if (snat)
+		return fj_fib_redirect(skb, nat_ip, bip);
 	return TC_ACT_OK;
+err:
+	fj_count(FJ_STAT_ERROR);
+	return TC_ACT_SHOT;
+}
+
+SEC("classifier")
+int fjord_from_pod(struct __sk_buff *skb)
+{
+	struct fj_tuple t = {};
+	if (fj_parse(skb, &t))
+		return TC_ACT_OK;
+	struct fj_config *cfg = fj_cfg();
+	if (!cfg)
+		return TC_ACT_OK;
+	__u64 now = bpf_ktime_get_ns();
+
+	/* 1. the pod answers as the backend of a service flow */
+	struct fj_ct_key ck;
+	fj_ct_key_of(&ck, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+	if (ct)
+		return fj_do_reply(skb, &t, ct, cfg, now, 0);
+
+	/* 2. an established service flow */
+	ck.dir = FJ_CT_DIR_FWD;
+	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+	if (ct) {
+		int rc = fj_do_fwd_hit(skb, &t, ct, cfg, now, 0);
+		if (rc >= 0)
+			return rc;
+	}
+
+	/* 3. a new flow */
+	struct fj_svc_key sk = {};
+	sk.vip = t.daddr;
+	sk.port = t.dport;
+	sk.proto = t.proto;
+	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
+	if (!svc) {
+		/* Not a service address. If this starts a flow (TCP SYN, any UDP) whose
+		 * replies would match the reply-direction conntrack entry of an old
+		 * service flow with the same tuple (client port reused for a direct
+		 * connection to the backend), drop that stale entry so the replies
+		 * are not reverse-NATed to the VIP. */
+		if (t.proto == IPPROTO_UDP || fj_is_syn(&t)) {
+			struct fj_ct_key stale;
+			fj_ct_key_of(&stale, t.daddr, t.saddr, t.dport, t.sport, t.proto, FJ_CT_DIR_REPLY);
+			if (bpf_map_lookup_elem(&fjord_ct, &stale)) {
+				bpf_map_delete_elem(&fjord_ct, &stale);
+				fj_count(FJ_STAT_CT_STALE);
+			}
+		}
+		return TC_ACT_OK;
+	}
+	return fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
+			   svc->affinity_timeout_s, 0);
 }
 
 SEC("classifier")
@@ -387,26 +665,118 @@ int fjord_to_pod(struct __sk_buff *skb)
 	struct fj_tuple t = {};
 	if (fj_parse(skb, &t))
 		return TC_ACT_OK;
-
-	struct fj_ct_key rk = {};
-	rk.saddr = t.saddr;
-	rk.daddr = t.daddr;
-	rk.sport = t.sport;
-	rk.dport = t.dport;
-	rk.proto = t.proto;
-	rk.dir = FJ_CT_DIR_REPLY;
-	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &rk);
-	if (!ct)
+	struct fj_config *cfg = fj_cfg();
+	if (!cfg)
 		return TC_ACT_OK;
-	ct->last_seen_ns = bpf_ktime_get_ns();
-	__u32 rid = ct->rev_nat_id;
-	struct fj_revnat *rn = bpf_map_lookup_elem(&fjord_revnat, &rid);
-	if (!rn)
-		return TC_ACT_OK; /* service deleted: nothing to restore */
-	if (fj_rewrite(skb, t.proto, FJ_IP_SADDR_OFF, t.saddr, rn->vip, FJ_SPORT_OFF, t.sport, rn->port)) {
+	struct fj_ct_key rk;
+	fj_ct_key_of(&rk, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &rk);
+	if (!ct || (ct->flags & FJ_CT_F_SNAT))
+		return TC_ACT_OK;
+	return fj_do_reply(skb, &t, ct, cfg, bpf_ktime_get_ns(), 0);
+}
+
+SEC("classifier")
+int fjord_from_net(struct __sk_buff *skb)
+{
+	struct fj_tuple t = {};
+	if (fj_parse(skb, &t))
+		return TC_ACT_OK;
+	struct fj_config *cfg = fj_cfg();
+	if (!cfg)
+		return TC_ACT_OK;
+	__u64 now = bpf_ktime_get_ns();
+
+	/* 1. a remote backend answers a NodePort flow we SNATed */
+	struct fj_ct_key ck;
+	fj_ct_key_of(&ck, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+	if (ct) {
+		if (ct->flags & FJ_CT_F_SNAT)
+			return fj_do_reply(skb, &t, ct, cfg, now, 1);
+		return TC_ACT_OK; /* reply to a local pod client: fjord_to_pod translates it */
+	}
+	/* 2. the outside answers a masqueraded pod flow */
+	ck.dir = FJ_CT_DIR_SNAT_REV;
+	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+	if (ct) {
+		__be32 oip = ct->orig_ip;
+		__be16 oport = ct->orig_port;
+		fj_ct_track(ct, &t, 1, now);
+		if (fj_rewrite(skb, t.proto, FJ_IP_DADDR_OFF, t.daddr, oip, FJ_DPORT_OFF, t.dport, oport)) {
+			fj_count(FJ_STAT_ERROR);
+			return TC_ACT_SHOT;
+		}
+		fj_count(FJ_STAT_REVNAT);
+		return TC_ACT_OK;
+	}
+	/* 3. an established NodePort flow */
+	ck.dir = FJ_CT_DIR_FWD;
+	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+	if (ct) {
+		int rc = fj_do_fwd_hit(skb, &t, ct, cfg, now, 1);
+		if (rc >= 0)
+			return rc;
+	}
+	/* 4. a new flow to a NodePort / externalIP / LoadBalancer frontend */
+	struct fj_svc_key sk = {};
+	sk.vip = t.daddr;
+	sk.port = t.dport;
+	sk.proto = t.proto;
+	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
+	if (!svc || !(svc->flags & FJ_SVC_F_EXTERNAL))
+		return TC_ACT_OK;
+	return fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
+			   svc->affinity_timeout_s, 1);
+}
+
+SEC("classifier")
+int fjord_to_net(struct __sk_buff *skb)
+{
+	struct fj_tuple t = {};
+	if (fj_parse(skb, &t))
+		return TC_ACT_OK;
+	struct fj_config *cfg = fj_cfg();
+	if (!cfg || !(cfg->flags & FJ_CFG_F_MASQUERADE) || cfg->node_ip == 0)
+		return TC_ACT_OK;
+	if ((t.saddr & cfg->cluster_mask) != cfg->cluster_net || (t.daddr & cfg->cluster_mask) == cfg->cluster_net)
+		return TC_ACT_OK;
+	__u64 now = bpf_ktime_get_ns();
+	struct fj_ct_key fk;
+	fj_ct_key_of(&fk, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_SNAT_FWD);
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &fk);
+	__be32 nat_ip;
+	__be16 nat_port;
+	if (ct && !fj_expired(cfg, ct, t.proto, now)) {
+		fj_ct_track(ct, &t, 0, now);
+		nat_ip = ct->nat_ip;
+		nat_port = ct->nat_port;
+	} else {
+		struct fj_ct_value cv = {};
+		cv.state = t.proto == IPPROTO_TCP ? FJ_CT_SYN : 0;
+		cv.last_seen_ns = now;
+		cv.orig_ip = t.saddr;
+		cv.orig_port = t.sport;
+		struct fj_ct_key rk;
+		fj_ct_key_of(&rk, t.daddr, cfg->node_ip, t.dport, 0, t.proto, FJ_CT_DIR_SNAT_REV);
+		nat_ip = cfg->node_ip;
+		nat_port = fj_snat_alloc(cfg, &rk, &cv,
+					 fj_flow_hash(t.saddr, t.daddr, ((__u32)t.sport << 16) | t.dport, 0xa5));
+		if (!nat_port)
+			return TC_ACT_SHOT;
+		cv.orig_ip = 0;
+		cv.orig_port = 0;
+		cv.nat_ip = nat_ip;
+		cv.nat_port = nat_port;
+		if (bpf_map_update_elem(&fjord_ct, &fk, &cv, BPF_ANY)) {
+			fj_count(FJ_STAT_ERROR);
+			return TC_ACT_SHOT;
+		}
+		fj_count(FJ_STAT_SNAT);
+	}
+	if (fj_rewrite(skb, t.proto, FJ_IP_SADDR_OFF, t.saddr, nat_ip, FJ_SPORT_OFF, t.sport, nat_port)) {
 		fj_count(FJ_STAT_ERROR);
 		return TC_ACT_SHOT;
 	}
-	fj_count(FJ_STAT_REVNAT);
 	return TC_ACT_OK;
 }

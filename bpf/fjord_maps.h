@@ -65,6 +65,14 @@ struct {
 } fjord_ct SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct fj_affinity_key);
+	__type(value, struct fj_affinity_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_affinity SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);

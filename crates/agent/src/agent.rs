@@ -36,6 +36,8 @@ pub struct Agent {
     pub datapath_error: Mutex<Option<String>>,
     /// Service controller state.
     pub services: crate::services::ServiceView,
+    /// This node's underlay addresses (NodePort frontends listen on each).
+    pub addresses: Mutex<Vec<Ipv4Addr>>,
     /// Serializes ADD/DEL/GC/zombie cleanup on this node.
     cni_lock: tokio::sync::Mutex<()>,
     /// Last address given (round-robin cursor).
@@ -57,6 +59,32 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, CniE
 }
 
 impl Agent {
+    /// Copies the eBPF datapath counters into the Prometheus metrics.
+    pub fn refresh_datapath_metrics(&self) {
+        let Some(dp) = self.datapath.get() else { return };
+        let counters = match dp.lock().unwrap().counters() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading datapath counters");
+                return;
+            }
+        };
+        for (name, v) in counters {
+            self.metrics.datapath_events.get_or_create(&crate::metrics::EventLabels { event: name.to_string() }).set(v as i64);
+        }
+    }
+
+    /// Renders /metrics (datapath counters refreshed first).
+    pub fn render_metrics(&self) -> String {
+        self.refresh_datapath_metrics();
+        self.metrics.render()
+    }
+
+    /// This node's underlay addresses (first = the primary one).
+    pub fn node_addresses(&self) -> Vec<Ipv4Addr> {
+        self.addresses.lock().unwrap().clone()
+    }
+
     pub fn new(node: String, store: Arc<dyn Store>, pool: Pool, nl: Netlink, routing: &str) -> Arc<Agent> {
         let metrics = Metrics::new(&node);
         metrics.ipam_capacity.set(pool.capacity() as i64);
@@ -73,6 +101,7 @@ impl Agent {
             datapath: std::sync::OnceLock::new(),
             datapath_error: Mutex::new(None),
             services: crate::services::ServiceView::default(),
+            addresses: Mutex::new(Vec::new()),
             cni_lock: tokio::sync::Mutex::new(()),
             cursor: Mutex::new(None),
             deleting: Mutex::new(HashSet::new()),

@@ -67,6 +67,35 @@ struct Args {
     /// Conntrack entries (LRU: a full table evicts the oldest flows, never refuses new ones).
     #[arg(long, env = "FJORD_CT_ENTRIES", default_value_t = 262144)]
     ct_entries: u32,
+    /// How the tc programs are attached to interfaces: tc (clsact qdisc + cls_bpf filter;
+    /// ~1 ms per interface) or tcx (TCX links, Linux >= 6.6; each waits for an RCU grace
+    /// period, 7-43 ms measured).
+    #[arg(long, env = "FJORD_ATTACH_MODE", default_value = "tc", value_parser = ["tc", "tcx"])]
+    attach_mode: String,
+    /// Masquerade in eBPF: pod traffic to destinations outside --cluster-cidr leaves through
+    /// the underlay with the node's address (like Cilium's bpf.masquerade=true).
+    #[arg(long, env = "FJORD_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    masquerade: bool,
+    /// Source ports for SNAT (NodePort to a backend on another node, masquerade), MIN-MAX.
+    /// The default lies above the kernel's ephemeral range (32768-60999), so SNAT never
+    /// collides with the node's own connections.
+    #[arg(long, env = "FJORD_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_port_range: (u16, u16),
+    /// Conntrack timeout of TCP flows after the SYN, until the backend answers.
+    #[arg(long, env = "FJORD_CT_TIMEOUT_TCP_SYN", default_value = "60s", value_parser = parse_duration)]
+    ct_timeout_tcp_syn: Duration,
+    /// Conntrack timeout of established TCP flows without packets.
+    #[arg(long, env = "FJORD_CT_TIMEOUT_TCP_ESTABLISHED", default_value = "6h", value_parser = parse_duration)]
+    ct_timeout_tcp_established: Duration,
+    /// Conntrack timeout of TCP flows after a FIN or RST.
+    #[arg(long, env = "FJORD_CT_TIMEOUT_TCP_CLOSING", default_value = "10s", value_parser = parse_duration)]
+    ct_timeout_tcp_closing: Duration,
+    /// Conntrack timeout of UDP flows without packets.
+    #[arg(long, env = "FJORD_CT_TIMEOUT_UDP", default_value = "60s", value_parser = parse_duration)]
+    ct_timeout_udp: Duration,
+    /// How often conntrack GC removes entries idle past their timeout.
+    #[arg(long, env = "FJORD_CT_GC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    ct_gc_interval: Duration,
     /// The Service CIDR: ClusterIPs are allocated from it.
     #[arg(long, env = "FJORD_SERVICE_CIDR", default_value = "10.96.0.0/16")]
     service_cidr: ipnet::Ipv4Net,
@@ -115,8 +144,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not a range like 61000-65535"))?;
+    let lo: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port number"))?;
+    let hi: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port number"))?;
+    if lo < 1024 || hi < lo {
+        return Err(format!("{s:?}: need 1024 <= MIN <= MAX"));
+    }
+    Ok((lo, hi))
+}
+
+fn secs(d: Duration) -> u32 {
+    d.as_secs().clamp(1, u32::MAX as u64) as u32
 }
 
 #[tokio::main(worker_threads = 2)]
@@ -207,6 +251,7 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     let agent = agent::Agent::new(args.node.clone(), store.clone(), pool, nl.clone(), &format!("{:?}", args.routing).to_lowercase());
+    *agent.addresses.lock().unwrap() = addresses.clone();
     agent.check_pod_cidr().await?;
     let mut record = fjord_model::api::NodeRecord {
         name: args.node.clone(),
@@ -227,10 +272,45 @@ async fn run(args: Args) -> Result<()> {
         cfg.max_services = args.max_services;
         cfg.maglev_size = args.maglev_table_size;
         cfg.ct_entries = args.ct_entries;
+        cfg.attach = args.attach_mode.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        cfg.snat_ports = args.snat_port_range;
+        cfg.timeouts = fjord_datapath::CtTimeouts {
+            tcp_syn: secs(args.ct_timeout_tcp_syn),
+            tcp_established: secs(args.ct_timeout_tcp_established),
+            tcp_closing: secs(args.ct_timeout_tcp_closing),
+            udp: secs(args.ct_timeout_udp),
+        };
         let pin_dir = cfg.pin_dir.clone();
         let names: Vec<String> = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?.into_iter().map(|a| a.host_veth).collect();
+        let node_net = addresses.first().map(|ip| fjord_datapath::NodeNet {
+            node_ip: *ip,
+            pod_cidr: (pod_cidr.network(), pod_cidr.prefix_len()),
+            cluster_cidr: (args.cluster_cidr.network(), args.cluster_cidr.prefix_len()),
+            masquerade: args.masquerade,
+        });
+        let (net_devs, masquerade) = (
+            {
+                let mut v = vec![];
+                if !underlay_dev.is_empty() {
+                    v.push((underlay_dev.clone(), true));
+                }
+                if args.routing == Routing::Vxlan {
+                    v.push((cluster::VXLAN_DEV.to_string(), false));
+                }
+                v
+            },
+            args.masquerade,
+        );
         let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<fjord_datapath::Datapath> {
             let mut dp = fjord_datapath::Datapath::load(cfg)?;
+            if let Some(net) = &node_net {
+                dp.set_node_net(net)?;
+            }
+            // NodePort/externalIP frontends and SNAT replies arrive on the underlay (and the
+            // overlay); masquerade happens on the underlay's egress
+            for (dev, underlay) in &net_devs {
+                dp.attach_net(dev, *underlay && masquerade).with_context(|| format!("attaching to the node device {dev}"))?;
+            }
             for n in &names {
                 dp.attach(n).with_context(|| format!("re-attaching to {n}"))?;
             }
@@ -243,7 +323,9 @@ async fn run(args: Args) -> Result<()> {
         .await?
         .with_context(|| format!("loading the eBPF datapath (pins in {}); --datapath off runs without Services", pin_dir.display()))?;
         info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded: KubeProxyReplacement OK");
-        let _ = agent.datapath.set(Arc::new(std::sync::Mutex::new(dp)));
+        let dp = Arc::new(std::sync::Mutex::new(dp));
+        let _ = agent.datapath.set(dp.clone());
+        tokio::spawn(conntrack_gc(agent.clone(), dp, args.ct_gc_interval));
     } else {
         *agent.datapath_error.lock().unwrap() = Some("--datapath off".into());
     }
@@ -280,7 +362,7 @@ async fn run(args: Args) -> Result<()> {
     if args.metrics_addr != "none" {
         let tcp = tokio::net::TcpListener::bind(&args.metrics_addr).await.with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
         let a = agent.clone();
-        let metrics_app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { a.metrics.render() }));
+        let metrics_app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { a.render_metrics() }));
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, metrics_app).await {
                 warn!(error = %e, "metrics server stopped");
@@ -303,4 +385,26 @@ async fn run(args: Args) -> Result<()> {
 
 fn pool_gateway(a: &agent::Agent) -> std::net::Ipv4Addr {
     a.pool.gateway()
+}
+
+/// Periodic conntrack GC (entries idle past their timeout).
+async fn conntrack_gc(agent: Arc<agent::Agent>, dp: Arc<std::sync::Mutex<fjord_datapath::Datapath>>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let dp = dp.clone();
+        let t0 = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || dp.lock().unwrap().gc_conntrack()).await {
+            Ok(Ok(st)) => {
+                agent.metrics.ct_gc_removed.inc_by(st.removed);
+                agent.metrics.ct_gc_seconds.observe(t0.elapsed().as_secs_f64());
+                if st.removed > 0 {
+                    tracing::debug!(scanned = st.scanned, removed = st.removed, "conntrack GC");
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "conntrack GC failed"),
+            Err(e) => warn!(error = %e, "conntrack GC task failed"),
+        }
+    }
 }

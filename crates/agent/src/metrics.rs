@@ -31,6 +31,15 @@ pub struct Metrics {
     pub service_synced_revision: Gauge,
     pub datapath_frontends: Gauge,
     pub datapath_backends: Gauge,
+    /// eBPF datapath counters (bpf/fjord.h enum fj_stat), by event.
+    pub datapath_events: Family<EventLabels, Gauge>,
+    pub ct_gc_removed: Counter<u64, AtomicU64>,
+    pub ct_gc_seconds: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: String,
 }
 
 impl Metrics {
@@ -52,6 +61,9 @@ impl Metrics {
             service_synced_revision: Gauge::default(),
             datapath_frontends: Gauge::default(),
             datapath_backends: Gauge::default(),
+            datapath_events: Family::default(),
+            ct_gc_removed: Counter::default(),
+            ct_gc_seconds: Histogram::new(buckets.into_iter()),
             registry: Registry::default(),
         };
         registry.register("cni_requests", "CNI requests served, by command and result", m.cni_requests.clone());
@@ -80,6 +92,13 @@ impl Metrics {
         );
         registry.register("datapath_frontends", "Service frontends (VIP x port) in the eBPF maps", m.datapath_frontends.clone());
         registry.register("datapath_backends", "Backends referenced by the eBPF maps", m.datapath_backends.clone());
+        registry.register(
+            "datapath_events",
+            "eBPF datapath counters since the maps were created, by event (dnat, revnat, ct_new, snat_new, snat_fail = no free SNAT port, hairpin_new, affinity_hit, nodeport_new, ...)",
+            m.datapath_events.clone(),
+        );
+        registry.register("conntrack_gc_removed", "Conntrack entries removed by GC (idle past their timeout)", m.ct_gc_removed.clone());
+        registry.register("conntrack_gc_duration_seconds", "Time of one conntrack GC pass", m.ct_gc_seconds.clone());
         Metrics { registry, ..m }
     }
 

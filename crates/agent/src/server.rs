@@ -55,7 +55,7 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErr> {
 pub fn router(ctx: Ctx) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(|State(c): State<Ctx>| async move { c.agent.metrics.render() }))
+        .route("/metrics", get(|State(c): State<Ctx>| async move { c.agent.render_metrics() }))
         .route("/v1/status", get(|State(c): State<Ctx>| async move { R::<AgentStatus>::Ok(Json(c.agent.status(c.netns_label.clone()).await?)) }))
         .route(
             "/v1/cni/add",

@@ -3,13 +3,13 @@
 //! datapath from the store, driven by a watch (never polled).
 
 use crate::agent::Agent;
-use fjord_lb::{Backend, Frontend, LbConfig, Protocol as LbProtocol};
+use fjord_lb::{Backend, Frontend, FrontendOptions, LbConfig, Protocol as LbProtocol};
 use fjord_model::api::{Attachment, Pod};
 use fjord_model::cni::{code, CniError};
 use fjord_model::keys;
 use fjord_model::objects::{
     Endpoint, EndpointConditions, EndpointPort, EndpointSlice, EndpointTargetRef, IntOrString, Object, ObjectMeta, Protocol, Service,
-    ValidationContext,
+    ServiceType, ValidationContext,
 };
 use fjord_store::{Compare, Op, Store, Txn};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -61,6 +61,9 @@ pub async fn apply(agent: &Agent, ctx: &ValidationContext, objects: Vec<Object>,
         .iter()
         .filter_map(|kv| Some((kv.key.rsplit('/').next()?.parse().ok()?, String::from_utf8_lossy(&kv.value).to_string())))
         .collect();
+    let taken_ports = store.list(&keys::nodeports_prefix()).await.map_err(store_err)?;
+    let mut used_ports: BTreeMap<String, String> =
+        taken_ports.kvs.iter().map(|kv| (kv.key.clone(), String::from_utf8_lossy(&kv.value).to_string())).collect();
     let mut ops = vec![];
     let mut compares = vec![];
     let mut out = vec![];
@@ -111,6 +114,7 @@ pub async fn apply(agent: &Agent, ctx: &ValidationContext, objects: Vec<Object>,
                         }
                     }
                 }
+                allocate_node_ports(&id, &mut s, prev.as_ref(), &mut used_ports, &mut compares, &mut ops)?;
                 services.insert(id.clone(), s.clone());
                 ops.push(Op::put(keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(&s).unwrap()));
                 out.push(Object::Service(s));
@@ -122,7 +126,8 @@ pub async fn apply(agent: &Agent, ctx: &ValidationContext, objects: Vec<Object>,
         }
     }
     if let Some(max) = max_frontends {
-        let n: usize = services.values().filter(|s| !s.is_headless()).map(frontend_count).sum();
+        let addrs = agent.node_addresses().len();
+        let n: usize = services.values().filter(|s| !s.is_headless()).map(|s| frontend_count(s, addrs)).sum();
         if n > max {
             return Err(bad(format!(
                 "applying this would need {n} service frontends (VIP × port), more than the datapath's service map holds ({max}); \
@@ -137,9 +142,73 @@ pub async fn apply(agent: &Agent, ctx: &ValidationContext, objects: Vec<Object>,
     Ok(out)
 }
 
-fn frontend_count(s: &Service) -> usize {
+/// Gives every port of a NodePort/LoadBalancer service a nodePort: the one it
+/// asks for (refused if another service holds it), the one it had, or the
+/// first free one of 30000-32767. Ports the service no longer uses are released.
+fn allocate_node_ports(
+    id: &str,
+    s: &mut Service,
+    prev: Option<&Service>,
+    used: &mut BTreeMap<String, String>,
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<Op>,
+) -> Result<(), CniError> {
+    let external = s.spec.type_.is_external() && s.spec.allocate_load_balancer_node_ports != Some(false) || s.spec.type_ == ServiceType::NodePort;
+    let mut mine: HashSet<String> = HashSet::new();
+    if external {
+        for (i, p) in s.spec.ports.iter_mut().enumerate() {
+            let proto = format!("{}", lb_proto(&p.protocol)).to_ascii_lowercase();
+            let kept = prev
+                .and_then(|pv| pv.spec.ports.iter().find(|q| q.port == p.port && q.protocol == p.protocol && q.name == p.name))
+                .and_then(|q| q.node_port);
+            let port = match p.node_port.or(kept) {
+                Some(np) => {
+                    let key = keys::nodeport(&proto, np);
+                    match used.get(&key) {
+                        Some(owner) if owner != id => {
+                            return Err(bad(format!(
+                                "service {id}: spec.ports[{i}].nodePort {np}/{} is already allocated to service {owner}; pick another or leave it out",
+                                p.protocol
+                            )));
+                        }
+                        Some(_) => {}
+                        None => {
+                            compares.push(Compare::absent(key.clone()));
+                            ops.push(Op::put(key.clone(), id.to_string()));
+                            used.insert(key, id.to_string());
+                        }
+                    }
+                    np
+                }
+                None => {
+                    let np = fjord_model::objects::NODE_PORT_RANGE
+                        .clone()
+                        .find(|np| !used.contains_key(&keys::nodeport(&proto, *np)))
+                        .ok_or_else(|| bad(format!("service {id}: spec.ports[{i}]: no free nodePort left in 30000-32767")))?;
+                    let key = keys::nodeport(&proto, np);
+                    compares.push(Compare::absent(key.clone()));
+                    ops.push(Op::put(key.clone(), id.to_string()));
+                    used.insert(key, id.to_string());
+                    np
+                }
+            };
+            p.node_port = Some(port);
+            mine.insert(keys::nodeport(&proto, port));
+        }
+    }
+    // release what the previous version held and this one does not
+    let stale: Vec<String> = used.iter().filter(|(k, owner)| owner.as_str() == id && !mine.contains(*k)).map(|(k, _)| k.clone()).collect();
+    for k in stale {
+        ops.push(Op::delete(k.clone()));
+        used.remove(&k);
+    }
+    Ok(())
+}
+
+fn frontend_count(s: &Service, node_addresses: usize) -> usize {
     let vips = 1 + s.spec.external_ips.len() + lb_ips(s).len();
-    vips * s.spec.ports.len()
+    let node_ports = s.spec.ports.iter().filter(|p| p.node_port.is_some()).count();
+    vips * s.spec.ports.len() + node_ports * node_addresses
 }
 
 fn lb_ips(s: &Service) -> Vec<Ipv4Addr> {
@@ -162,6 +231,11 @@ pub async fn delete(agent: &Agent, objects: &[Object]) -> Result<Vec<String>, Cn
                     if let Ok(s) = serde_json::from_slice::<Service>(&kv.value) {
                         if let Some(ip) = s.spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
                             ops.push(Op::delete(keys::clusterip(ip)));
+                        }
+                        for p in &s.spec.ports {
+                            if let Some(np) = p.node_port {
+                                ops.push(Op::delete(keys::nodeport(&format!("{}", lb_proto(&p.protocol)), np)));
+                            }
                         }
                     }
                 }
@@ -264,34 +338,72 @@ pub fn desired_local_slices(node: &str, services: &[Service], pods: &[Pod], atts
     out
 }
 
-/// The datapath's frontends for `services` with backends from `slices`.
-pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice]) -> Vec<fjord_lb::Service> {
+/// This node, as service translation needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalNode<'a> {
+    /// Node name (EndpointSlice endpoints with this nodeName are local).
+    pub name: &'a str,
+    /// The node's addresses: NodePort frontends listen on each.
+    pub addresses: &'a [Ipv4Addr],
+}
+
+/// The datapath's frontends for `services` with backends from `slices`, as
+/// seen from `node`:
+/// - the ClusterIP on every port (internalTrafficPolicy Local: only this node's endpoints),
+/// - externalIPs and status.loadBalancer.ingress IPs on every port, and every
+///   node address on each nodePort, marked external (reachable from the
+///   underlay; externalTrafficPolicy Local: only this node's endpoints),
+/// - sessionAffinity ClientIP on all of them.
+pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice], node: &LocalNode) -> Vec<fjord_lb::Service> {
     let mut out = vec![];
     for s in services.iter().filter(|s| !s.is_headless()) {
         let Some(cip) = s.spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else { continue };
-        let mut vips = vec![cip];
-        vips.extend(s.spec.external_ips.iter().copied());
-        vips.extend(lb_ips(s));
+        let itp_local = s.spec.internal_traffic_policy.as_deref() == Some("Local");
+        let etp_local = s.spec.external_traffic_policy.as_deref() == Some("Local");
+        let affinity_timeout = s.session_affinity_timeout();
+        let mut external_vips: Vec<Ipv4Addr> = s.spec.external_ips.clone();
+        external_vips.extend(lb_ips(s));
         let mine: Vec<&EndpointSlice> =
             slices.iter().filter(|e| e.metadata.namespace == s.metadata.namespace && e.service_name() == Some(s.metadata.name.as_str())).collect();
         let mut frontends = vec![];
         let mut seen = HashSet::new();
-        for vip in vips {
-            for sp in &s.spec.ports {
-                if !seen.insert((vip, sp.port, lb_proto(&sp.protocol))) {
-                    continue;
-                }
-                let mut backends = vec![];
-                for slice in &mine {
-                    // Slice ports are named after the service port.
-                    let Some(ep) = slice.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol).and_then(|p| p.port) else { continue };
-                    for e in &slice.endpoints {
-                        for ip in &e.addresses {
-                            backends.push(Backend { ip: *ip, port: ep, ready: e.is_ready(), serving: e.is_serving(), terminating: e.is_terminating(), weight: None });
-                        }
+        for sp in &s.spec.ports {
+            let proto = lb_proto(&sp.protocol);
+            // (backend, is local)
+            let mut backends: Vec<(Backend, bool)> = vec![];
+            for slice in &mine {
+                // Slice ports are named after the service port.
+                let Some(ep) = slice.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol).and_then(|p| p.port) else { continue };
+                for e in &slice.endpoints {
+                    let local = e.node_name.as_deref() == Some(node.name);
+                    for ip in &e.addresses {
+                        let b = Backend { ip: *ip, port: ep, ready: e.is_ready(), serving: e.is_serving(), terminating: e.is_terminating(), weight: None };
+                        backends.push((b, local));
                     }
                 }
-                frontends.push(Frontend { vip, port: sp.port, protocol: lb_proto(&sp.protocol), backends });
+            }
+            let pick = |local_only: bool| -> Vec<Backend> {
+                backends.iter().filter(|(_, l)| !local_only || *l).map(|(b, _)| b.clone()).collect()
+            };
+            let mut push = |vip: Ipv4Addr, port: u16, external: bool, local_only: bool| {
+                if seen.insert((vip, port, proto)) {
+                    frontends.push(Frontend {
+                        vip,
+                        port,
+                        protocol: proto,
+                        backends: pick(local_only),
+                        options: FrontendOptions { external, affinity_timeout },
+                    });
+                }
+            };
+            push(cip, sp.port, false, itp_local);
+            for vip in &external_vips {
+                push(*vip, sp.port, true, etp_local);
+            }
+            if let Some(np) = sp.node_port {
+                for a in node.addresses {
+                    push(*a, np, true, etp_local);
+                }
             }
         }
         out.push(fjord_lb::Service { name: format!("{}/{}", s.metadata.namespace, s.metadata.name), frontends });
@@ -331,7 +443,8 @@ pub async fn reconcile(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Data
     }
     // 2. Datapath.
     let Some(dp) = dp else { return Ok(()) };
-    let lbs = desired_frontends(&services, &slices);
+    let addresses = agent.node_addresses();
+    let lbs = desired_frontends(&services, &slices, &LocalNode { name: &agent.node, addresses: &addresses });
     let dp = dp.clone();
     let (nfe, nbe) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
         let mut dp = dp.lock().unwrap();

@@ -47,6 +47,8 @@ pub struct SvcValue {
     pub table_id: u32,
     pub backend_count: u32,
     pub flags: u32,
+    pub affinity_timeout_s: u32,
+    pub pad: u32,
 }
 
 /// `struct fj_backend`
@@ -113,14 +115,45 @@ pub struct CtValue {
     pub rev_nat_id: u32,
     pub backend_ip: u32,
     pub backend_port: u16,
-    pub flags: u16,
+    pub state: u8,
+    pub flags: u8,
     pub last_seen_ns: u64,
+    pub nat_ip: u32,
+    pub nat_port: u16,
+    pub orig_port: u16,
+    pub orig_ip: u32,
+    pub pad: u32,
 }
 
 impl CtValue {
     pub fn backend(&self) -> (Ipv4Addr, u16) {
         (ip_of(self.backend_ip), u16::from_be(self.backend_port))
     }
+    /// FWD + SNAT, SNAT_FWD: the source the flow leaves with.
+    pub fn nat(&self) -> (Ipv4Addr, u16) {
+        (ip_of(self.nat_ip), u16::from_be(self.nat_port))
+    }
+    /// REPLY + SNAT, SNAT_REV: the original client address restored on replies.
+    pub fn orig(&self) -> (Ipv4Addr, u16) {
+        (ip_of(self.orig_ip), u16::from_be(self.orig_port))
+    }
+}
+
+/// `struct fj_affinity_key`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_ip: u32,
+}
+
+/// `struct fj_affinity_value`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub pad: u32,
+    pub last_ns: u64,
 }
 
 /// `struct fj_config`
@@ -131,6 +164,27 @@ pub struct Config {
     pub max_tables: u32,
     pub flags: u32,
     pub version: u32,
+    pub node_ip: u32,
+    pub pod_net: u32,
+    pub pod_mask: u32,
+    pub cluster_net: u32,
+    pub cluster_mask: u32,
+    pub hairpin_ip: u32,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub tcp_syn_s: u32,
+    pub tcp_established_s: u32,
+    pub tcp_closing_s: u32,
+    pub udp_s: u32,
+}
+
+/// An IPv4 address in the byte order of the maps (network order in memory).
+pub fn be_addr(ip: Ipv4Addr) -> u32 {
+    be_ip(ip)
+}
+/// The inverse of [`be_addr`].
+pub fn addr_of(be: u32) -> Ipv4Addr {
+    ip_of(be)
 }
 
 /// `struct fj_sock_revnat`
@@ -153,13 +207,25 @@ unsafe impl aya::Pod for RevNat {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for Config {}
+unsafe impl aya::Pod for AffinityKey {}
+unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for SockRevNat {}
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const CT_DIR_FWD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
-pub const LAYOUT_VERSION: u32 = 1;
+pub const CT_DIR_SNAT_FWD: u8 = 2;
+pub const CT_DIR_SNAT_REV: u8 = 3;
+pub const CT_SYN: u8 = 1;
+pub const CT_ESTABLISHED: u8 = 2;
+pub const CT_CLOSING: u8 = 3;
+pub const CT_F_SNAT: u8 = 1;
+pub const CT_F_HAIRPIN: u8 = 2;
+pub const SVC_F_AFFINITY: u32 = 1;
+pub const SVC_F_EXTERNAL: u32 = 2;
+pub const CFG_F_MASQUERADE: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests {
@@ -179,7 +245,8 @@ mod tests {
             proto => OFFSETOF_FJ_SVC_KEY_PROTO, pad => OFFSETOF_FJ_SVC_KEY_PAD);
         check!(SvcValue, SIZEOF_FJ_SVC_VALUE, service_id => OFFSETOF_FJ_SVC_VALUE_SERVICE_ID,
             table_id => OFFSETOF_FJ_SVC_VALUE_TABLE_ID, backend_count => OFFSETOF_FJ_SVC_VALUE_BACKEND_COUNT,
-            flags => OFFSETOF_FJ_SVC_VALUE_FLAGS);
+            flags => OFFSETOF_FJ_SVC_VALUE_FLAGS, affinity_timeout_s => OFFSETOF_FJ_SVC_VALUE_AFFINITY_TIMEOUT_S,
+            pad => OFFSETOF_FJ_SVC_VALUE_PAD);
         check!(BackendValue, SIZEOF_FJ_BACKEND, ip => OFFSETOF_FJ_BACKEND_IP, port => OFFSETOF_FJ_BACKEND_PORT,
             proto => OFFSETOF_FJ_BACKEND_PROTO, flags => OFFSETOF_FJ_BACKEND_FLAGS);
         check!(RevNat, SIZEOF_FJ_REVNAT, vip => OFFSETOF_FJ_REVNAT_VIP, port => OFFSETOF_FJ_REVNAT_PORT,
@@ -189,11 +256,24 @@ mod tests {
             dir => OFFSETOF_FJ_CT_KEY_DIR, pad => OFFSETOF_FJ_CT_KEY_PAD);
         check!(CtValue, SIZEOF_FJ_CT_VALUE, backend_id => OFFSETOF_FJ_CT_VALUE_BACKEND_ID,
             rev_nat_id => OFFSETOF_FJ_CT_VALUE_REV_NAT_ID, backend_ip => OFFSETOF_FJ_CT_VALUE_BACKEND_IP,
-            backend_port => OFFSETOF_FJ_CT_VALUE_BACKEND_PORT, flags => OFFSETOF_FJ_CT_VALUE_FLAGS,
-            last_seen_ns => OFFSETOF_FJ_CT_VALUE_LAST_SEEN_NS);
+            backend_port => OFFSETOF_FJ_CT_VALUE_BACKEND_PORT, state => OFFSETOF_FJ_CT_VALUE_STATE,
+            flags => OFFSETOF_FJ_CT_VALUE_FLAGS, last_seen_ns => OFFSETOF_FJ_CT_VALUE_LAST_SEEN_NS,
+            nat_ip => OFFSETOF_FJ_CT_VALUE_NAT_IP, nat_port => OFFSETOF_FJ_CT_VALUE_NAT_PORT,
+            orig_port => OFFSETOF_FJ_CT_VALUE_ORIG_PORT, orig_ip => OFFSETOF_FJ_CT_VALUE_ORIG_IP,
+            pad => OFFSETOF_FJ_CT_VALUE_PAD);
+        check!(AffinityKey, SIZEOF_FJ_AFFINITY_KEY, service_id => OFFSETOF_FJ_AFFINITY_KEY_SERVICE_ID,
+            client_ip => OFFSETOF_FJ_AFFINITY_KEY_CLIENT_IP);
+        check!(AffinityValue, SIZEOF_FJ_AFFINITY_VALUE, backend_id => OFFSETOF_FJ_AFFINITY_VALUE_BACKEND_ID,
+            pad => OFFSETOF_FJ_AFFINITY_VALUE_PAD, last_ns => OFFSETOF_FJ_AFFINITY_VALUE_LAST_NS);
         check!(Config, SIZEOF_FJ_CONFIG, maglev_size => OFFSETOF_FJ_CONFIG_MAGLEV_SIZE,
             max_tables => OFFSETOF_FJ_CONFIG_MAX_TABLES, flags => OFFSETOF_FJ_CONFIG_FLAGS,
-            version => OFFSETOF_FJ_CONFIG_VERSION);
+            version => OFFSETOF_FJ_CONFIG_VERSION, node_ip => OFFSETOF_FJ_CONFIG_NODE_IP,
+            pod_net => OFFSETOF_FJ_CONFIG_POD_NET, pod_mask => OFFSETOF_FJ_CONFIG_POD_MASK,
+            cluster_net => OFFSETOF_FJ_CONFIG_CLUSTER_NET, cluster_mask => OFFSETOF_FJ_CONFIG_CLUSTER_MASK,
+            hairpin_ip => OFFSETOF_FJ_CONFIG_HAIRPIN_IP, snat_port_min => OFFSETOF_FJ_CONFIG_SNAT_PORT_MIN,
+            snat_port_max => OFFSETOF_FJ_CONFIG_SNAT_PORT_MAX, tcp_syn_s => OFFSETOF_FJ_CONFIG_TCP_SYN_S,
+            tcp_established_s => OFFSETOF_FJ_CONFIG_TCP_ESTABLISHED_S,
+            tcp_closing_s => OFFSETOF_FJ_CONFIG_TCP_CLOSING_S, udp_s => OFFSETOF_FJ_CONFIG_UDP_S);
         check!(SockRevNat, SIZEOF_FJ_SOCK_REVNAT, vip => OFFSETOF_FJ_SOCK_REVNAT_VIP,
             backend_ip => OFFSETOF_FJ_SOCK_REVNAT_BACKEND_IP, port => OFFSETOF_FJ_SOCK_REVNAT_PORT,
             backend_port => OFFSETOF_FJ_SOCK_REVNAT_BACKEND_PORT, pad => OFFSETOF_FJ_SOCK_REVNAT_PAD);
@@ -206,6 +286,20 @@ mod tests {
         assert_eq!(CT_DIR_FWD as u64, c::FJ_CT_DIR_FWD);
         assert_eq!(CT_DIR_REPLY as u64, c::FJ_CT_DIR_REPLY);
         assert_eq!(LAYOUT_VERSION as u64, c::FJ_LAYOUT_VERSION);
+        for (rust, cval) in [
+            (CT_DIR_SNAT_FWD as u64, c::FJ_CT_DIR_SNAT_FWD),
+            (CT_DIR_SNAT_REV as u64, c::FJ_CT_DIR_SNAT_REV),
+            (CT_SYN as u64, c::FJ_CT_SYN),
+            (CT_ESTABLISHED as u64, c::FJ_CT_ESTABLISHED),
+            (CT_CLOSING as u64, c::FJ_CT_CLOSING),
+            (CT_F_SNAT as u64, c::FJ_CT_F_SNAT),
+            (CT_F_HAIRPIN as u64, c::FJ_CT_F_HAIRPIN),
+            (SVC_F_AFFINITY as u64, c::FJ_SVC_F_AFFINITY),
+            (SVC_F_EXTERNAL as u64, c::FJ_SVC_F_EXTERNAL),
+            (CFG_F_MASQUERADE as u64, c::FJ_CFG_F_MASQUERADE),
+        ] {
+            assert_eq!(rust, cval);
+        }
         assert_eq!(Protocol::Tcp.number(), PROTO_TCP);
         assert_eq!(Protocol::Udp.number(), PROTO_UDP);
         for (i, s) in crate::Stat::ALL.iter().enumerate() {

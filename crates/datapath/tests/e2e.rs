@@ -28,12 +28,14 @@ fn cluster_ip(backends: &[Ipv4Addr]) -> Vec<FrontendEntries> {
                 port: 80,
                 protocol: Protocol::Tcp,
                 backends: backends.iter().map(|ip| Backend::ready(*ip, TCP_TARGET)).collect(),
+                options: Default::default(),
             },
             Frontend {
                 vip: VIP,
                 port: 53,
                 protocol: Protocol::Udp,
                 backends: backends.iter().map(|ip| Backend::ready(*ip, UDP_TARGET)).collect(),
+                options: Default::default(),
             },
         ],
     };
@@ -75,7 +77,7 @@ fn clusterip_tcp_udp_with_maglev_conntrack_and_revnat() {
     // a service without backends: TCP SYN is answered with RST
     let empty = Service {
         name: "default/empty".into(),
-        frontends: vec![Frontend { vip: Ipv4Addr::new(10, 96, 0, 11), port: 80, protocol: Protocol::Tcp, backends: vec![] }],
+        frontends: vec![Frontend { vip: Ipv4Addr::new(10, 96, 0, 11), port: 80, protocol: Protocol::Tcp, backends: vec![], options: Default::default() }],
     };
     program(&mut dp, &translate(&empty, &lbcfg()).unwrap());
 
@@ -321,7 +323,7 @@ fn udp_to_a_service_without_backends_gets_icmp_unreachable_and_stale_links_prune
     attach_all(&mut dp, &topo);
     let empty = Service {
         name: "default/empty-dns".into(),
-        frontends: vec![Frontend { vip: VIP, port: 53, protocol: Protocol::Udp, backends: vec![] }],
+        frontends: vec![Frontend { vip: VIP, port: 53, protocol: Protocol::Udp, backends: vec![], options: Default::default() }],
     };
     dp.upsert_many(&translate(&empty, &lbcfg()).unwrap()).unwrap();
     let client = topo.pods[0].ns.name.clone();
@@ -465,6 +467,7 @@ fn bench_vip_vs_direct() {
             port: 9000,
             protocol: Protocol::Tcp,
             backends: vec![Backend::ready(topo.pods[1].ip, 9000)],
+            options: Default::default(),
         }],
     };
     dp.upsert_many(&translate(&bulk, &lbcfg()).unwrap()).unwrap();

@@ -17,6 +17,7 @@ fn svc(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, backends: &[[u8;
             port,
             protocol,
             backends: backends.iter().map(|b| Backend::ready(Ipv4Addr::from(*b), 8080)).collect(),
+            options: Default::default(),
         }],
     };
     translate(&s, &LbConfig { maglev_size: m, ..LbConfig::default() }).unwrap().remove(0)

@@ -12,6 +12,6 @@ pub mod service;
 
 pub use maglev::{build_table, is_prime, MaglevError, DEFAULT_SEED, DEFAULT_TABLE_SIZE};
 pub use service::{
-    translate, Backend, BackendAddr, Frontend, FrontendEntries, LbConfig, Protocol, Service, ServiceKey,
+    translate, Backend, BackendAddr, Frontend, FrontendEntries, FrontendOptions, LbConfig, Protocol, Service, ServiceKey,
     TranslateError,
 };

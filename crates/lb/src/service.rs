@@ -82,6 +82,16 @@ impl Backend {
     }
 }
 
+/// How the datapath treats new flows to a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FrontendOptions {
+    /// NodePort / externalIP / LoadBalancer address: also served to clients on
+    /// the node's underlay (remote backends then get the node as source).
+    pub external: bool,
+    /// sessionAffinity ClientIP: seconds a client keeps its backend (None: off).
+    pub affinity_timeout: Option<u32>,
+}
+
 /// One (VIP, port, protocol) the service is reachable at, with its backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frontend {
@@ -89,6 +99,14 @@ pub struct Frontend {
     pub port: u16,
     pub protocol: Protocol,
     pub backends: Vec<Backend>,
+    pub options: FrontendOptions,
+}
+
+impl Frontend {
+    /// A ClusterIP-style frontend with default options.
+    pub fn new(vip: Ipv4Addr, port: u16, protocol: Protocol, backends: Vec<Backend>) -> Self {
+        Frontend { vip, port, protocol, backends, options: FrontendOptions::default() }
+    }
 }
 
 /// A service as the datapath sees it.
@@ -160,6 +178,7 @@ pub struct FrontendEntries {
     pub backends: Vec<BackendAddr>,
     /// Maglev table: slot → index into `backends`. Empty iff `backends` is empty.
     pub maglev: Vec<u32>,
+    pub options: FrontendOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -265,6 +284,7 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
             key,
             backends: chosen.into_iter().map(|(a, _)| a).collect(),
             maglev: table,
+            options: fe.options,
         });
     }
     Ok(out)
@@ -287,8 +307,8 @@ mod tests {
         Service {
             name: "kube-system/kube-dns".into(),
             frontends: vec![
-                Frontend { vip: ip("10.96.0.10"), port: 53, protocol: Protocol::Udp, backends: backends.clone() },
-                Frontend { vip: ip("10.96.0.10"), port: 53, protocol: Protocol::Tcp, backends },
+                Frontend::new(ip("10.96.0.10"), 53, Protocol::Udp, backends.clone()),
+                Frontend::new(ip("10.96.0.10"), 53, Protocol::Tcp, backends),
             ],
         }
     }

@@ -10,6 +10,7 @@
 //! | `/fjord/v1/services/<namespace>/<name>` | Service (JSON) | `fjordctl apply` |
 //! | `/fjord/v1/endpointslices/<namespace>/<name>` | EndpointSlice (JSON) | `fjordctl apply` (selectorless services), or the agent owning the pods (`<service>-fjord-<node>`, under its node lease) |
 //! | `/fjord/v1/clusterips/<ip>` | `<namespace>/<name>` of the Service holding it | `fjordctl apply` (allocation by transaction) |
+//! | `/fjord/v1/nodeports/<tcp\|udp>/<port>` | `<namespace>/<name>` of the Service holding it | `fjordctl apply` (allocation by transaction, 30000-32767) |
 
 use std::net::Ipv4Addr;
 
@@ -32,6 +33,13 @@ pub fn endpointslice(namespace: &str, name: &str) -> String {
 }
 pub fn clusterip(ip: Ipv4Addr) -> String {
     format!("{PREFIX}clusterips/{ip}")
+}
+/// The allocation record of a nodePort (`proto` is `tcp` or `udp`).
+pub fn nodeport(proto: &str, port: u16) -> String {
+    format!("{PREFIX}nodeports/{}/{port}", proto.to_ascii_lowercase())
+}
+pub fn nodeports_prefix() -> String {
+    format!("{PREFIX}nodeports/")
 }
 /// Name of the EndpointSlice the agent of `node` writes for `service`.
 pub fn agent_slice_name(service: &str, node: &str) -> String {

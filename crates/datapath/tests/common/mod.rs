@@ -129,7 +129,7 @@ impl PinDir {
         PinDir(PathBuf::from("/sys/fs/bpf").join(unique("pins")))
     }
     pub fn config(&self) -> DatapathConfig {
-        DatapathConfig { pin_dir: self.0.clone(), maglev_size: 1021, max_services: 64, max_backends: 256, ct_entries: 65536 }
+        DatapathConfig { maglev_size: 1021, max_services: 64, max_backends: 256, ct_entries: 65536, ..DatapathConfig::for_node("test").with_pin_dir(self.0.clone()) }
     }
 }
 
