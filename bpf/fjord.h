@@ -84,6 +84,8 @@ struct fj_revnat {
 #define FJ_CT_F_SNAT 1    /* the source was rewritten too: FWD: to nat_ip:nat_port; REPLY: restore the
 			   * destination to orig_ip:orig_port (NodePort to a remote backend, hairpin) */
 #define FJ_CT_F_HAIRPIN 2 /* client and backend are the same pod (source rewritten to hairpin_ip) */
+#define FJ_CT_F_NONAT 4   /* SNAT_FWD: a flow that came in from outside to a local pod: its replies
+			   * leave unmasqueraded */
 
 struct fj_ct_key {
 	__be32 saddr;

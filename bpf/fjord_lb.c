@@ -724,8 +724,28 @@ int fjord_from_net(struct __sk_buff *skb)
 	sk.port = t.dport;
 	sk.proto = t.proto;
 	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
-	if (!svc || !(svc->flags & FJ_SVC_F_EXTERNAL))
+	if (!svc || !(svc->flags & FJ_SVC_F_EXTERNAL)) {
+		/* 5. a flow from outside the cluster straight to a local pod (e.g. NodePort
+		 * traffic another node SNATed to us): remember it, so the pod's replies are
+		 * not masqueraded on their way out */
+		if ((cfg->flags & FJ_CFG_F_MASQUERADE) && (t.daddr & cfg->pod_mask) == cfg->pod_net &&
+		    (t.saddr & cfg->cluster_mask) != cfg->cluster_net && (t.proto == IPPROTO_UDP || fj_is_syn(&t))) {
+			struct fj_ct_key nk;
+			fj_ct_key_of(&nk, t.daddr, t.saddr, t.dport, t.sport, t.proto, FJ_CT_DIR_SNAT_FWD);
+			struct fj_ct_value *nv = bpf_map_lookup_elem(&fjord_ct, &nk);
+			if (nv) {
+				if (nv->flags & FJ_CT_F_NONAT)
+					fj_ct_track(nv, &t, 0, now);
+			} else {
+				struct fj_ct_value v = {};
+				v.flags = FJ_CT_F_NONAT;
+				v.state = t.proto == IPPROTO_TCP ? FJ_CT_SYN : 0;
+				v.last_seen_ns = now;
+				bpf_map_update_elem(&fjord_ct, &nk, &v, BPF_ANY);
+			}
+		}
 		return TC_ACT_OK;
+	}
 	return fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
 			   svc->affinity_timeout_s, 1);
 }
@@ -747,10 +767,18 @@ int fjord_to_net(struct __sk_buff *skb)
 	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &fk);
 	__be32 nat_ip;
 	__be16 nat_port;
+	if (ct && (ct->flags & FJ_CT_F_NONAT)) {
+		/* the reply of a flow that came in from outside */
+		fj_ct_track(ct, &t, 1, now);
+		return TC_ACT_OK;
+	}
 	if (ct && !fj_expired(cfg, ct, t.proto, now)) {
 		fj_ct_track(ct, &t, 0, now);
 		nat_ip = ct->nat_ip;
 		nat_port = ct->nat_port;
+	} else if (t.proto == IPPROTO_TCP && !fj_is_syn(&t)) {
+		/* mid-stream without an entry: a reply, or a flow older than the datapath */
+		return TC_ACT_OK;
 	} else {
 		struct fj_ct_value cv = {};
 		cv.state = t.proto == IPPROTO_TCP ? FJ_CT_SYN : 0;

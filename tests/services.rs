@@ -1,6 +1,7 @@
 //! Services end to end: `apply` → endpoint controller → eBPF datapath, with real packets
 //! from a client pod to a ClusterIP, on a dev cluster.
 use fjord_e2e::*;
+use fjord_net::netns;
 use fjordctl::pod;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -265,4 +266,227 @@ async fn a_connection_through_a_clusterip_survives_kill_9_and_restart_of_the_age
     assert_eq!(roundtrip(&mut c3, b"again").unwrap(), b"again");
     drop((conn, c2, c3));
     srv.join().unwrap();
+}
+
+/// A TCP server in `ns` answering every connection with "`name` `peer-ip`" (who served, and
+/// which client address it saw) and closing.
+fn who_server(ns: &std::path::Path, port: u16, name: &str) {
+    let l = tcp_listen_in(ns, &format!("0.0.0.0:{port}"));
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let peer = s.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+            let _ = s.write_all(format!("{name} {peer}").as_bytes());
+        }
+    });
+}
+
+/// (who answered, which client address it saw)
+fn who(ns: &std::path::Path, addr: SocketAddr) -> std::io::Result<(String, String)> {
+    let a = ask(ns, addr)?;
+    let (n, p) = a.split_once(' ').ok_or_else(|| std::io::Error::other(format!("bad answer {a:?}")))?;
+    Ok((n.to_string(), p.to_string()))
+}
+
+/// Sum of the samples of `name` whose labels include `label` (e.g. `event="snat_new"`).
+fn metric(text: &str, name_and_label: &str) -> u64 {
+    let (name, label) = name_and_label.split_once('{').unwrap_or((name_and_label, ""));
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label.trim_end_matches('"').trim_end_matches('}')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>() as u64
+}
+
+fn vip_of(svcs: &[serde_json::Value], name: &str) -> Ipv4Addr {
+    svcs.iter().find(|s| s["metadata"]["name"] == name).unwrap_or_else(|| panic!("service {name}"))["spec"]["clusterIP"].as_str().unwrap().parse().unwrap()
+}
+
+const LOCAL_SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: solo}
+spec:
+  selector: {app: solo}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec:
+  selector: {app: sticky}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hairpin_session_affinity_and_masquerade() {
+    let c = TestCluster::up().await;
+    let label = |v: &str| -> BTreeMap<String, String> { [("app".to_string(), v.to_string())].into() };
+    let solo = pod::add(&c.state, None, "default/solo", label("solo")).await.unwrap();
+    who_server(&pod_netns(&solo), 8080, "solo");
+    for i in 1..=3 {
+        let p = pod::add(&c.state, None, &format!("default/sticky{i}"), label("sticky")).await.unwrap();
+        who_server(&pod_netns(&p), 8080, &p.name);
+    }
+    let client = pod::add(&c.state, None, "default/client", BTreeMap::new()).await.unwrap();
+    let cns = pod_netns(&client);
+    c.client().apply(LOCAL_SERVICES).await.unwrap();
+    let svcs = c.client().services().await.unwrap();
+    let (solo_vip, sticky_vip) = (vip_of(&svcs, "solo"), vip_of(&svcs, "sticky"));
+
+    // Hairpin: the only backend of `solo` is the client itself. The pod reaches itself through
+    // the ClusterIP and sees the hairpin address as the client (its own address would make
+    // the reply skip the datapath).
+    let sns = pod_netns(&solo);
+    let (name, peer) = eventually(Duration::from_secs(15), || async { who(&sns, SocketAddr::new(solo_vip.into(), 80)).ok() })
+        .await
+        .expect("a pod reaches itself through its service");
+    assert_eq!((name.as_str(), peer.as_str()), ("solo", "169.254.42.1"));
+    for _ in 0..20 {
+        assert_eq!(who(&sns, SocketAddr::new(solo_vip.into(), 80)).expect("hairpin again").0, "solo");
+    }
+    // ... and other clients are not hairpinned.
+    assert_eq!(who(&cns, SocketAddr::new(solo_vip.into(), 80)).unwrap().1, client.ip.unwrap().to_string());
+
+    // sessionAffinity ClientIP: every connection of one client goes to the same backend
+    // (without affinity, 40 connections over 3 backends all landing on one: p = 3 * 3^-40).
+    let sticky = SocketAddr::new(sticky_vip.into(), 80);
+    eventually(Duration::from_secs(15), || async {
+        let s = c.client().endpointslices().await.ok()?;
+        let n: usize = s.iter().filter(|e| e["metadata"]["labels"]["kubernetes.io/service-name"] == "sticky").map(|e| e["endpoints"].as_array().map_or(0, |a| a.len())).sum();
+        (n == 3).then_some(())
+    })
+    .await
+    .expect("3 endpoints for sticky");
+    let first = eventually(Duration::from_secs(15), || async { who(&cns, sticky).ok() }).await.expect("sticky answers").0;
+    let before = metric(&c.client().metrics().await.unwrap(), "fjord_datapath_events{event=\"affinity_hit\"");
+    for _ in 0..40 {
+        assert_eq!(who(&cns, sticky).unwrap().0, first, "sessionAffinity ClientIP keeps the client on one backend");
+    }
+    let after = metric(&c.client().metrics().await.unwrap(), "fjord_datapath_events{event=\"affinity_hit\"");
+    assert!(after >= before + 40, "affinity hits {before} -> {after}");
+    // Another client has its own affinity (and still gets an answer).
+    let (other, _) = who(&sns, sticky).unwrap();
+    assert!(other.starts_with("sticky"), "{other}");
+
+    // Masquerade: a pod reaching "the internet" (the external namespace, outside the cluster
+    // CIDR) arrives with the node's address; the reply finds its way back.
+    let ext = netns::path(&c.state.ext_netns);
+    who_server(&ext, 9000, "internet");
+    let ext_addr = SocketAddr::new(c.state.ext_address.into(), 9000);
+    for _ in 0..5 {
+        let (n, seen) = who(&cns, ext_addr).expect("pod -> outside through masquerade");
+        assert_eq!(n, "internet");
+        assert_eq!(seen, c.node().address.to_string(), "the outside sees the node, not the pod");
+    }
+    let m = c.client().metrics().await.unwrap();
+    assert!(metric(&m, "fjord_datapath_events{event=\"snat_new\"") >= 5, "{m}");
+    assert_eq!(metric(&m, "fjord_datapath_events{event=\"snat_fail\""), 0);
+}
+
+const NODEPORT: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  selector: {app: np}
+  externalIPs: [172.18.100.1]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: itp}
+spec:
+  selector: {app: np}
+  internalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_externalips_and_traffic_policies_across_nodes() {
+    nodeport_across_nodes("native").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_across_nodes_over_vxlan() {
+    nodeport_across_nodes("vxlan").await;
+}
+
+async fn nodeport_across_nodes(routing: &str) {
+    let c = TestCluster::up_with(2, "etcd", routing).await;
+    let label: BTreeMap<String, String> = [("app".to_string(), "np".to_string())].into();
+    let (n0, n1) = (c.node_n(0).clone(), c.node_n(1).clone());
+    let be0 = pod::add(&c.state, Some(&n0.name), "default/be0", label.clone()).await.unwrap();
+    let be1 = pod::add(&c.state, Some(&n1.name), "default/be1", label.clone()).await.unwrap();
+    who_server(&pod_netns(&be0), 8080, "be0");
+    who_server(&pod_netns(&be1), 8080, "be1");
+    let client = pod::add(&c.state, Some(&n0.name), "default/client", BTreeMap::new()).await.unwrap();
+    let cns = pod_netns(&client);
+    c.client().apply(NODEPORT).await.unwrap();
+    let ext = netns::path(&c.state.ext_netns);
+    let ext_ip = c.state.ext_address.to_string();
+    // the external IP is routed to node 0 (as a router or BGP speaker would)
+    let (code, out) = run_in_ns(&ext, &["ip", "route", "add", "172.18.100.1/32", "via", &n0.address.to_string()]);
+    assert_eq!(code, 0, "{out}");
+
+    // Both endpoints known on both nodes.
+    for i in 0..2 {
+        let api = c.client_n(i);
+        eventually(Duration::from_secs(20), || async {
+            let fe = api.datapath_frontends().await.ok()?;
+            let has = fe.iter().any(|(k, b)| k.contains(":30080/") && b.len() == 2);
+            has.then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("node {i} programs the NodePort with both backends"));
+    }
+
+    // NodePort on every node address from the external namespace. A local backend sees the
+    // client's address; a backend on the other node sees the ingress node (SNAT), so its
+    // replies come back through that node.
+    for (node, local, remote) in [(&n0, "be0", "be1"), (&n1, "be1", "be0")] {
+        let addr = SocketAddr::new(node.address.into(), 30080);
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for _ in 0..40 {
+            let (n, peer) = who(&ext, addr).unwrap_or_else(|e| panic!("NodePort {addr}: {e}"));
+            seen.insert(n, peer);
+        }
+        assert_eq!(seen.get(local), Some(&ext_ip), "{addr}: {seen:?}");
+        assert_eq!(seen.get(remote), Some(&node.address.to_string()), "{addr}: {seen:?}");
+    }
+    // externalIPs are frontends too.
+    let (n, _) = who(&ext, "172.18.100.1:80".parse().unwrap()).expect("externalIP from outside");
+    assert!(n == "be0" || n == "be1");
+    // internalTrafficPolicy Local: a client on node 0 only reaches node 0's endpoint.
+    let itp = vip_of(&c.client().services().await.unwrap(), "itp");
+    for _ in 0..30 {
+        assert_eq!(who(&cns, SocketAddr::new(itp.into(), 80)).unwrap().0, "be0", "internalTrafficPolicy Local");
+    }
+
+    // externalTrafficPolicy Local: each node only uses its own endpoints, and the client
+    // address is preserved.
+    c.client().apply(&NODEPORT.replace("  externalIPs:", "  externalTrafficPolicy: Local\n  externalIPs:")).await.unwrap();
+    for (i, node, local) in [(0, &n0, "be0"), (1, &n1, "be1")] {
+        let api = c.client_n(i);
+        eventually(Duration::from_secs(20), || async {
+            let fe = api.datapath_frontends().await.ok()?;
+            let one = fe.iter().any(|(k, b)| k.starts_with(&format!("{}:30080/", node.address)) && b.len() == 1);
+            one.then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("node {i}: NodePort with only its local endpoint"));
+        let addr = SocketAddr::new(node.address.into(), 30080);
+        for _ in 0..20 {
+            let (n, peer) = who(&ext, addr).unwrap();
+            assert_eq!((n.as_str(), peer.as_str()), (local, ext_ip.as_str()), "{addr}");
+        }
+    }
+    // No iptables rules anywhere on the service path.
+    for i in 0..2 {
+        let (code, out) = run_in_ns(&netns::path(&c.node_n(i).netns), &["iptables-save"]);
+        assert_eq!(code, 0);
+        assert!(!out.lines().any(|l| l.starts_with("-A")), "{out}");
+    }
 }

@@ -222,6 +222,7 @@ pub const CT_ESTABLISHED: u8 = 2;
 pub const CT_CLOSING: u8 = 3;
 pub const CT_F_SNAT: u8 = 1;
 pub const CT_F_HAIRPIN: u8 = 2;
+pub const CT_F_NONAT: u8 = 4;
 pub const SVC_F_AFFINITY: u32 = 1;
 pub const SVC_F_EXTERNAL: u32 = 2;
 pub const CFG_F_MASQUERADE: u32 = 1;
@@ -294,6 +295,7 @@ mod tests {
             (CT_CLOSING as u64, c::FJ_CT_CLOSING),
             (CT_F_SNAT as u64, c::FJ_CT_F_SNAT),
             (CT_F_HAIRPIN as u64, c::FJ_CT_F_HAIRPIN),
+            (CT_F_NONAT as u64, c::FJ_CT_F_NONAT),
             (SVC_F_AFFINITY as u64, c::FJ_SVC_F_AFFINITY),
             (SVC_F_EXTERNAL as u64, c::FJ_SVC_F_EXTERNAL),
             (CFG_F_MASQUERADE as u64, c::FJ_CFG_F_MASQUERADE),
