@@ -511,3 +511,56 @@ fn bench_vip_vs_direct() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     sink.join().unwrap();
 }
+
+/// TCP state tracking and GC: a closed connection's entries (closing, 1 s timeout) and an
+/// idle UDP flow (1 s) are collected; an open, established connection keeps its entries
+/// and keeps working.
+#[test]
+fn conntrack_tracks_tcp_state_and_gc_removes_only_expired_flows() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let topo = Topo::new(2);
+    let cfg = fjord_datapath::DatapathConfig {
+        timeouts: fjord_datapath::CtTimeouts { tcp_syn: 60, tcp_established: 3600, tcp_closing: 1, udp: 1 },
+        ..pins.config()
+    };
+    let mut dp = Datapath::load(cfg).expect("load datapath");
+    attach_all(&mut dp, &topo);
+    let _servers = start_backends(&topo, 1);
+    program(&mut dp, &cluster_ip(&[topo.pods[1].ip]));
+    let client = topo.pods[0].ns.name.clone();
+    let (mut open, closed_port) = in_netns(&client, || {
+        let mut c = Conn::open(tcp_vip()).expect("open connection");
+        assert_eq!(c.ask("hi").unwrap(), "b1");
+        let mut s = Conn::open(tcp_vip()).unwrap();
+        let port = s.local_port();
+        assert_eq!(s.ask("x").unwrap(), "b1");
+        drop(s); // FIN
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        u.send_to(b"q", SocketAddr::from((VIP, 53))).unwrap();
+        let mut buf = [0u8; 64];
+        u.recv_from(&mut buf).expect("udp answer");
+        (c, port)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let fwd = |dp: &Datapath, port: u16, proto: u8| {
+        dp.conntrack().unwrap().into_iter().find(|(k, _)| k.dir == 0 && k.proto == proto && (port == 0 || k.src().1 == port))
+    };
+    let open_port = open.local_port();
+    let (_, v) = fwd(&dp, open_port, 6).expect("entry of the open connection");
+    assert_eq!(v.state, fjord_datapath::layout::CT_ESTABLISHED, "{v:?}");
+    let (_, v) = fwd(&dp, closed_port, 6).expect("entry of the closed connection");
+    assert_eq!(v.state, fjord_datapath::layout::CT_CLOSING, "FIN seen: {v:?}");
+    assert!(fwd(&dp, 0, 17).is_some(), "udp entry");
+
+    std::thread::sleep(Duration::from_millis(2200));
+    let st = dp.gc_conntrack().unwrap();
+    assert!(st.removed >= 4, "closed TCP pair + UDP pair: {st:?}");
+    assert!(fwd(&dp, closed_port, 6).is_none(), "closed connection collected");
+    assert!(fwd(&dp, 0, 17).is_none(), "idle UDP flow collected");
+    assert!(fwd(&dp, open_port, 6).is_some(), "established connection kept");
+    let replies = dp.conntrack().unwrap().into_iter().filter(|(k, _)| k.dir == 1).count();
+    assert_eq!(replies, 1, "only the open connection's reply entry is left");
+    assert_eq!(in_netns(&client, move || open.ask("again").map(|a| (a, open))).unwrap().0, "b1");
+}

@@ -258,6 +258,9 @@ impl Conn {
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(Conn { w: s.try_clone()?, r: BufReader::new(s) })
     }
+    pub fn local_port(&self) -> u16 {
+        self.w.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
     pub fn ask(&mut self, msg: &str) -> std::io::Result<String> {
         self.w.write_all(format!("{msg}\n").as_bytes())?;
         let mut line = String::new();
