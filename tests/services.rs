@@ -210,6 +210,24 @@ spec:
     let r = c.client().delete_objects("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n").await.unwrap();
     assert_eq!(r.objects, vec!["Service/default/a"]);
     c.client().apply("apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.77, ports: [{port: 80}]}\n").await.unwrap();
+
+    // nodePorts: allocated when left out, kept on re-apply, a clash names the holder and
+    // applies nothing, delete frees them.
+    let np = |name: &str, port: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{type: NodePort, ports: [{{port: 80{port}}}]}}\n");
+    let r = c.client().apply(&np("n1", "")).await.unwrap();
+    assert_eq!(r.objects, vec!["Service/default/n1"]);
+    let node_port = |svcs: &[serde_json::Value], name: &str| svcs.iter().find(|s| s["metadata"]["name"] == name).and_then(|s| s["spec"]["ports"][0]["nodePort"].as_u64());
+    let first = node_port(&c.client().services().await.unwrap(), "n1").expect("a nodePort was allocated");
+    assert!((30000..=32767).contains(&first), "{first}");
+    c.client().apply(&np("n1", "")).await.unwrap();
+    assert_eq!(node_port(&c.client().services().await.unwrap(), "n1"), Some(first), "re-apply keeps the nodePort");
+    let clash = format!("{}---\n{}", np("n2", ""), np("n3", &format!(", nodePort: {first}")));
+    let e = c.client().apply(&clash).await.unwrap_err().to_string();
+    assert!(e.contains(&format!("nodePort {first}/TCP is already allocated to service default/n1")), "{e}");
+    let names: Vec<String> = c.client().services().await.unwrap().iter().map(|s| s["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    assert!(!names.contains(&"n2".to_string()) && !names.contains(&"n3".to_string()), "half applied: {names:?}");
+    c.client().delete_objects(&np("n1", "")).await.unwrap();
+    c.client().apply(&np("n3", &format!(", nodePort: {first}"))).await.expect("a deleted service's nodePort is free again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
