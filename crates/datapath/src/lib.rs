@@ -761,7 +761,7 @@ impl Datapath {
                 }
             }
             let before = new_backends.len();
-            new_backends.extend(fe.backends.iter().filter(|a| !self.backends.contains_key(a)).copied());
+            new_backends.extend(fe.backends.iter().chain(fe.draining.iter()).filter(|a| !self.backends.contains_key(a)).copied());
             let free = self.cfg.max_backends as usize - self.backends.len();
             if new_backends.len() > free {
                 return Err(DatapathError::BackendsFull {
@@ -839,7 +839,9 @@ impl Datapath {
         if existing.is_none() && self.services.len() + reserved >= self.cfg.max_services as usize {
             return Err(DatapathError::ServicesFull { service: fe.service.clone(), key, max: self.cfg.max_services });
         }
-        let mut uniq: Vec<BackendAddr> = fe.backends.clone();
+        // draining backends (terminating, still serving) keep their entries, so their
+        // established flows continue; only `backends` are in the table (new flows)
+        let mut uniq: Vec<BackendAddr> = fe.backends.iter().chain(fe.draining.iter()).copied().collect();
         uniq.sort();
         uniq.dedup();
         let new_addrs: Vec<BackendAddr> = uniq.iter().filter(|a| !self.backends.contains_key(a)).copied().collect();
@@ -1008,7 +1010,7 @@ impl Datapath {
             let unchanged = p.existing.as_ref().is_some_and(|s| {
                 s.table_id == p.table_id
                     && s.options == p.options
-                    && s.backend_ids.len() == p.index_ids.iter().collect::<HashSet<_>>().len()
+                    && s.backend_ids.len() == p.uniq.len()
             }) && p.inner.is_none();
             if !unchanged || is_new {
                 if let Err(e) = self.services_map.insert(SvcKey::new(&key), v, 0) {
@@ -1027,19 +1029,14 @@ impl Datapath {
         if is_new {
             self.reserved_services -= 1;
         }
-        let mut new_ids: Vec<u32> = Vec::new();
-        let mut seen = HashSet::new();
-        for &id in &p.index_ids {
-            if seen.insert(id) {
-                new_ids.push(id);
-            }
-        }
+        // every backend this frontend references (table + draining), for refcounts
+        let new_ids: Vec<u32> = p.uniq.iter().map(|a| self.backends[a].0).collect();
         for a in &p.uniq {
             self.backends.get_mut(a).expect("present").1 += 1;
         }
         if p.existing.as_ref().is_some_and(|o| o.options.affinity_timeout.is_some()) {
-            // clients stuck to a backend this frontend no longer has start over
-            let keep: HashSet<u32> = new_ids.iter().copied().collect();
+            // clients stuck to a backend that gets no new flows here start over
+            let keep: HashSet<u32> = p.index_ids.iter().copied().collect();
             self.sweep_affinity(p.service_id, &keep);
         }
         self.services.insert(

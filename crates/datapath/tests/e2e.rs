@@ -564,3 +564,66 @@ fn conntrack_tracks_tcp_state_and_gc_removes_only_expired_flows() {
     assert_eq!(replies, 1, "only the open connection's reply entry is left");
     assert_eq!(in_netns(&client, move || open.ask("again").map(|a| (a, open))).unwrap().0, "b1");
 }
+
+/// Graceful termination: a terminating (still serving) backend gets no new flows but keeps
+/// its established connection; when it is removed for good, that connection is reset at its
+/// next packet instead of hanging.
+#[test]
+fn terminating_backend_drains_and_a_removed_one_resets() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let topo = Topo::new(3);
+    let mut dp = Datapath::load(pins.config()).expect("load datapath");
+    attach_all(&mut dp, &topo);
+    let _servers = start_backends(&topo, 2);
+    let (b1, b2) = (topo.pods[1].ip, topo.pods[2].ip);
+    let svc = |b2_state: Option<bool>| {
+        let mut backends = vec![Backend::ready(b1, TCP_TARGET)];
+        if let Some(terminating) = b2_state {
+            backends.push(Backend { ip: b2, port: TCP_TARGET, ready: !terminating, serving: true, terminating, weight: None });
+        }
+        let s = Service { name: "default/web".into(), frontends: vec![Frontend::new(VIP, 80, Protocol::Tcp, backends)] };
+        translate(&s, &lbcfg()).unwrap()
+    };
+    program(&mut dp, &svc(Some(false)));
+    let client = topo.pods[0].ns.name.clone();
+    let mut conns = in_netns(&client, || {
+        (0..40)
+            .map(|_| {
+                let mut c = Conn::open(tcp_vip()).unwrap();
+                let b = c.ask("hi").unwrap();
+                (c, b)
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(conns.iter().any(|(_, b)| b == "b2") && conns.iter().any(|(_, b)| b == "b1"), "both backends used");
+
+    // b2 terminating: its established connections go on, new ones only reach b1
+    dp.upsert_many(&svc(Some(true))).unwrap();
+    let (conns2, fresh) = in_netns(&client, move || {
+        for (c, b) in conns.iter_mut() {
+            assert_eq!(&c.ask("draining").expect("established connection survives termination"), b);
+        }
+        let fresh: Vec<String> = (0..100).map(|_| tcp_request(tcp_vip()).unwrap()).collect();
+        (conns, fresh)
+    });
+    conns = conns2;
+    assert!(fresh.iter().all(|b| b == "b1"), "a terminating backend gets no new connection");
+
+    // b2 removed: its connections are reset (not blackholed); b1's go on
+    dp.upsert_many(&svc(None)).unwrap();
+    in_netns(&client, move || {
+        for (c, b) in conns.iter_mut() {
+            let r = c.ask("after");
+            if b == "b2" {
+                let e = r.expect_err("the removed backend's connection must fail");
+                assert!(
+                    matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::BrokenPipe),
+                    "reset, not a timeout: {e}"
+                );
+            } else {
+                assert_eq!(r.expect("b1's connection survives"), "b1");
+            }
+        }
+    });
+}

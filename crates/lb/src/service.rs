@@ -179,6 +179,9 @@ pub struct FrontendEntries {
     /// Maglev table: slot → index into `backends`. Empty iff `backends` is empty.
     pub maglev: Vec<u32>,
     pub options: FrontendOptions,
+    /// Terminating but still serving backends not in the table: they get no new flows but
+    /// keep their established ones (the datapath keeps their entries).
+    pub draining: Vec<BackendAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -276,6 +279,11 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
                 max: cfg.max_backends_per_frontend,
             });
         }
+        let draining: Vec<BackendAddr> = if best == 2 {
+            merged.iter().filter(|(_, (r, _))| *r == 1).map(|(&(ip, port), _)| BackendAddr { ip, port, protocol: fe.protocol }).collect()
+        } else {
+            vec![]
+        };
         let weighted: Vec<(String, u32)> = chosen.iter().map(|(a, w)| (a.maglev_key(), *w)).collect();
         let table = maglev::build_table(&weighted, cfg.maglev_size, cfg.seed)
             .map_err(|source| TranslateError::Maglev { service: service.clone(), key, source })?;
@@ -285,6 +293,7 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
             backends: chosen.into_iter().map(|(a, _)| a).collect(),
             maglev: table,
             options: fe.options,
+            draining,
         });
     }
     Ok(out)
@@ -347,6 +356,8 @@ mod tests {
         let out = translate(&s, &cfg()).unwrap();
         assert_eq!(out[0].backends.len(), 2, "only the ready ones");
         assert!(out[0].backends.iter().all(|b| b.ip.octets()[2] == 1));
+        // the terminating one keeps serving its established flows; the dead one is gone
+        assert_eq!(out[0].draining, vec![BackendAddr { ip: ip("10.244.2.9"), port: 53, protocol: Protocol::Udp }]);
 
         // no ready ones: fall back to serving+terminating
         for b in &mut s.frontends[0].backends {
@@ -358,6 +369,7 @@ mod tests {
         let out = translate(&s, &cfg()).unwrap();
         assert_eq!(out[0].backends, vec![BackendAddr { ip: ip("10.244.2.9"), port: 53, protocol: Protocol::Udp }]);
         assert!(out[0].maglev.iter().all(|&i| i == 0));
+        assert!(out[0].draining.is_empty(), "it is in the table itself");
     }
 
     #[test]
