@@ -1459,6 +1459,12 @@ impl Datapath {
             MapStats { name: MAP_MAGLEV, kind: "hash_of_maps", max_entries: self.max_tables, entries: count(self.maglev_map.keys(), MAP_MAGLEV)? },
             MapStats { name: MAP_REVNAT, kind: "hash", max_entries: self.cfg.max_services, entries: count(self.revnat_map.keys(), MAP_REVNAT)? },
             MapStats { name: MAP_CT, kind: "lru_hash", max_entries: self.cfg.ct_entries, entries: count(self.ct_map.keys(), MAP_CT)? },
+            MapStats {
+                name: MAP_AFFINITY,
+                kind: "lru_hash",
+                max_entries: (self.cfg.ct_entries / 4).max(1024),
+                entries: count(self.affinity_map.keys(), MAP_AFFINITY)?,
+            },
         ])
     }
 
