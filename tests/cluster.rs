@@ -278,7 +278,7 @@ async fn a_clusterip_with_backends_on_three_nodes_works_from_every_node() {
         clients.push(pod::add(&c.state, Some(&format!("node{i}")), &format!("default/client{i}"), BTreeMap::new()).await.unwrap());
     }
     c.client_n(0)
-        .apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.80\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n")
+        .apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.80\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]\n")
         .await
         .unwrap();
     let vip = SocketAddr::new(Ipv4Addr::new(10, 96, 0, 80).into(), 80);
@@ -301,6 +301,29 @@ async fn a_clusterip_with_backends_on_three_nodes_works_from_every_node() {
         })
         .await;
         assert!(seen.is_some(), "clients on node{} did not reach backends on all three nodes", i + 1);
+    }
+    // NodePort: from the external namespace, every node's address reaches the backends of all
+    // three nodes (remote ones through SNAT to the ingress node).
+    let ext = fjord_net::netns::path(&c.state.ext_netns);
+    for i in 0..3 {
+        let addr = SocketAddr::new(c.node_n(i).address.into(), 30080);
+        let ext = ext.clone();
+        let seen = eventually(Duration::from_secs(20), || {
+            let ext = ext.clone();
+            async move {
+                let mut seen = std::collections::BTreeSet::new();
+                for _ in 0..60 {
+                    let mut s = tcp_connect_in(&ext, addr).ok()?;
+                    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).ok()?;
+                    seen.insert(out);
+                }
+                (seen.len() == 3).then_some(seen)
+            }
+        })
+        .await;
+        assert!(seen.is_some(), "NodePort {addr} did not reach backends on all three nodes");
     }
 }
 
