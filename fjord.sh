@@ -63,7 +63,7 @@ demo() {
   for _ in $(seq 50); do $ctl pod exec default/client -- curl -s -o /dev/null "http://$web:8080/" && break; sleep 0.1; done
   $ctl pod exec default/client -- curl -s -w '\nHTTP %{http_code} from %{remote_ip} in %{time_total}s\n' -o /dev/null "http://$web:8080/"
   kill $srv 2>/dev/null || true; wait $srv 2>/dev/null || true
-  say "Service: a ClusterIP in front of web, load-balanced by eBPF (no iptables)"
+  say "Service: a NodePort (with its ClusterIP) in front of web, load-balanced by eBPF (no iptables)"
   $ctl apply -f - <<'YAML'
 apiVersion: v1
 kind: Service
@@ -71,12 +71,14 @@ metadata:
   name: web
   namespace: default
 spec:
+  type: NodePort
   selector:
     app: web
   ports:
   - name: http
     port: 80
     targetPort: 8080
+    nodePort: 30080
 YAML
   $ctl get services
   local vip
@@ -87,6 +89,10 @@ YAML
   srv=$!
   for _ in $(seq 50); do $ctl pod exec default/client -- curl -s -o /dev/null "http://$vip/" && break; sleep 0.1; done
   $ctl pod exec default/client -- curl -s -w '\nHTTP %{http_code} via ClusterIP %{remote_ip}:80 in %{time_total}s\n' -o /dev/null "http://$vip/"
+  local node_ip
+  node_ip=$($ctl get nodes -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["addresses"][0])')
+  say "NodePort: from the external namespace (\"the internet\") to $node_ip:30080"
+  $ctl cluster exec -- curl -s -w '\nHTTP %{http_code} via NodePort %{remote_ip}:30080 in %{time_total}s\n' -o /dev/null "http://$node_ip:30080/"
   kill $srv 2>/dev/null || true; wait $srv 2>/dev/null || true
   say "UDP: client -> web"
   $ctl pod exec default/web -- timeout 5 nc -u -l -W 1 9999 &

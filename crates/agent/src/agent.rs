@@ -8,6 +8,7 @@ use fjord_model::cni::{code, AttachmentRef, CniError};
 use fjord_model::keys;
 use fjord_net::{host_veth_name, Netlink};
 use fjord_store::{Compare, Op, Store, Txn};
+use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -298,13 +299,20 @@ impl Agent {
         };
         let r = tokio::task::spawn_blocking(move || {
             let dp = dp.lock().unwrap();
-            (dp.config().pin_dir.display().to_string(), dp.attached(), dp.map_stats(), dp.counters())
+            let mode = format!("{:?}", dp.config().attach).to_lowercase();
+            (dp.config().pin_dir.display().to_string(), dp.attached(), dp.map_stats(), dp.counters(), mode, dp.attachments())
         })
         .await;
         match r {
-            Ok((pin, attached, maps, counters)) => {
+            Ok((pin, attached, maps, counters, mode, detail)) => {
                 st.pin_dir = pin;
                 st.attached = attached;
+                st.attach_mode = mode;
+                let mut devs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (iface, dir) in detail.into_iter().filter(|(i, _)| !i.starts_with("fj")) {
+                    devs.entry(iface).or_default().push(dir);
+                }
+                st.node_devices = devs.into_iter().map(|(i, d)| format!("{i} ({})", d.join(", "))).collect();
                 match (maps, counters) {
                     (Ok(m), Ok(c)) => {
                         st.maps = m.into_iter().map(|m| MapStatus { name: m.name.into(), kind: m.kind.into(), max_entries: m.max_entries, entries: m.entries }).collect();

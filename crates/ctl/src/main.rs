@@ -393,8 +393,15 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
         let kpr = dp["kubeProxyReplacement"].as_str().map(String::from).unwrap_or_else(|| v["kubeProxyReplacement"].as_str().unwrap_or("?").to_string());
         println!("  KubeProxyReplacement: {kpr}");
         if dp.is_object() && kpr == "OK" {
-            let att = dp["attached"].as_array().map_or(0, |a| a.len());
-            println!("    Hooks:            tc ingress+egress (TCX) on {att} pod veths; no iptables rules");
+            let pods = dp["attached"].as_array().map_or(0, |a| a.iter().filter(|i| i.as_str().is_some_and(|i| i.starts_with("fj"))).count());
+            let mode = match dp["attachMode"].as_str() {
+                Some("tcx") => "tcx links",
+                _ => "tc (clsact + cls_bpf)",
+            };
+            let devs: Vec<&str> = dp["nodeDevices"].as_array().map_or(vec![], |a| a.iter().filter_map(|d| d.as_str()).collect());
+            println!("    Hooks:            {mode}: {pods} pod veths (ingress from_pod, egress to_pod); node devices {} \
+                (ingress from_net: NodePort/externalIPs + SNAT replies; egress to_net: masquerade); no iptables rules",
+                if devs.is_empty() { "none".to_string() } else { devs.join(", ") });
             println!("    Services:         {} frontends, {} backends; last sync {}{}", dp["frontends"], dp["backends"],
                 dp["lastSyncMsAgo"].as_u64().map_or("never".into(), |ms| format!("{ms} ms ago")),
                 dp["lastSyncDurationUs"].as_u64().map_or(String::new(), |us| format!(" (took {:.2} ms)", us as f64 / 1000.0)));

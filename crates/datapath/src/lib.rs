@@ -1434,6 +1434,14 @@ impl Datapath {
         Ok(pruned)
     }
 
+    /// (interface, direction) of every attachment, sorted.
+    pub fn attachments(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self.pinned_links().into_iter().map(|(d, _, i, _)| (i, d)).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Interfaces fjord is attached to (from the pinned links).
     pub fn attached(&self) -> Vec<String> {
         let mut v: Vec<String> = self.pinned_links().into_iter().map(|(_, _, i, _)| i).collect();

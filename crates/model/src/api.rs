@@ -246,6 +246,12 @@ pub struct DatapathStatus {
     pub pin_dir: String,
     /// Interfaces with fjord's tc programs (ingress + egress).
     pub attached: Vec<String>,
+    /// How programs are attached: `tc` (clsact + cls_bpf) or `tcx`.
+    #[serde(default)]
+    pub attach_mode: String,
+    /// Node devices (not pod veths) with fjord's programs, as `name (ingress, egress)`.
+    #[serde(default)]
+    pub node_devices: Vec<String>,
     pub maps: Vec<MapStatus>,
     pub counters: BTreeMap<String, u64>,
     pub frontends: u64,

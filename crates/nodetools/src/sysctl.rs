@@ -74,8 +74,11 @@ pub fn profile(mem_bytes: u64) -> Vec<Target> {
     let buf = buffer_max_for_memory(mem_bytes);
     let ct = ct_entries_for_memory(mem_bytes);
     vec![
-        t("net.ipv4.ip_local_port_range", "1024 65535".into(), Policy::Exact, true,
-          "more ephemeral ports for the many outbound connections of proxies and SNAT"),
+        // The seed says 1024 65535; fjord stops at 60999 because 61000-65535 is the eBPF
+        // datapath's SNAT range (fjord-agent --snat-port-range): the node's own sockets and
+        // NodePort/masquerade SNAT must never pick the same port toward the same peer.
+        t("net.ipv4.ip_local_port_range", "1024 60999".into(), Policy::Exact, true,
+          "more ephemeral ports for the many outbound connections of proxies; ends below fjord's SNAT range 61000-65535"),
         t("net.core.default_qdisc", "fq".into(), Policy::Exact, false, "fair queueing, the pacing BBR relies on"),
         t("net.ipv4.tcp_congestion_control", "bbr".into(), Policy::Exact, true,
           "BBR congestion control (kernel 4.9+): higher throughput, lower queueing delay"),
@@ -258,7 +261,7 @@ mod tests {
     fn profile_has_the_seed_keys() {
         let p = profile(8 * GIB);
         let v = |k: &str| p.iter().find(|t| t.key == k).unwrap().value.clone();
-        assert_eq!(v("net.ipv4.ip_local_port_range"), "1024 65535");
+        assert_eq!(v("net.ipv4.ip_local_port_range"), "1024 60999");
         assert_eq!(v("net.core.default_qdisc"), "fq");
         assert_eq!(v("net.ipv4.tcp_congestion_control"), "bbr");
         assert_eq!(v("fs.file-max"), "2097152");
@@ -342,7 +345,7 @@ mod tests {
         let items: Vec<_> = p.into_iter().zip(st).collect();
         let a = render_conf(8 * GIB, &items);
         assert_eq!(a, render_conf(8 * GIB, &items));
-        assert!(a.contains("\nnet.ipv4.ip_local_port_range = 1024 65535\n"), "{a}");
+        assert!(a.contains("\nnet.ipv4.ip_local_port_range = 1024 60999\n"), "{a}");
         assert!(a.contains("# net.core.default_qdisc = fq  (not applied: key not present)"), "{a}");
         assert!(a.contains("# net.ipv4.tcp_congestion_control = bbr  (not applied: bbr not available)"), "{a}");
         assert!(a.contains("# fs.file-max = 2097152  (not set: current 9223372036854775807 is already higher)"), "{a}");

@@ -241,7 +241,8 @@ pub fn host_memory() -> anyhow::Result<crate::host::MemInfo> {
 #[derive(clap::Args, Debug, Clone)]
 #[command(
     about = "Show (default) or apply the memory-scaled network sysctl profile",
-    long_about = "The seed's profile (ip_local_port_range 1024 65535, default_qdisc fq, tcp_congestion_control bbr, \
+    long_about = "The seed's profile (ip_local_port_range 1024 60999 — the seed's 1024 65535 stopped below \
+fjord's eBPF SNAT range 61000-65535 —, default_qdisc fq, tcp_congestion_control bbr, \
 fs.file-max 2097152, netdev_max_backlog 16384) plus conntrack and TCP buffer sizes scaled to RAM: \
 nf_conntrack_max = 1 entry per 32 KiB of RAM (64Ki..4Mi), socket buffer max = RAM/512 (4..64 MiB). \
 Numeric limits are never lowered. Shows current → target for each key; --apply writes them to the kernel, \
