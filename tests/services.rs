@@ -411,7 +411,7 @@ spec:
   type: NodePort
   selector: {app: np}
   externalIPs: [172.18.100.1]
-  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]
 ---
 apiVersion: v1
 kind: Service
@@ -440,6 +440,8 @@ async fn nodeport_across_nodes(routing: &str) {
     let be1 = pod::add(&c.state, Some(&n1.name), "default/be1", label.clone()).await.unwrap();
     who_server(&pod_netns(&be0), 8080, "be0");
     who_server(&pod_netns(&be1), 8080, "be1");
+    udp_name_server(&pod_netns(&be0), 5353, "be0");
+    udp_name_server(&pod_netns(&be1), 5353, "be1");
     let client = pod::add(&c.state, Some(&n0.name), "default/client", BTreeMap::new()).await.unwrap();
     let cns = pod_netns(&client);
     c.client().apply(NODEPORT).await.unwrap();
@@ -473,6 +475,21 @@ async fn nodeport_across_nodes(routing: &str) {
         }
         assert_eq!(seen.get(local), Some(&ext_ip), "{addr}: {seen:?}");
         assert_eq!(seen.get(remote), Some(&node.address.to_string()), "{addr}: {seen:?}");
+    }
+    // UDP NodePort: answered from the node address it was sent to, by local and remote backends.
+    for node in [&n0, &n1] {
+        let addr = SocketAddr::new(node.address.into(), 30053);
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let u = udp_bind_in(&ext, "0.0.0.0:0");
+            u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            u.send_to(b"q", addr).unwrap();
+            let mut buf = [0u8; 64];
+            let (k, from) = u.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP NodePort {addr}: {e}"));
+            assert_eq!(from, addr, "the reply comes from the NodePort address");
+            names.insert(String::from_utf8_lossy(&buf[..k]).to_string());
+        }
+        assert_eq!(names.len(), 2, "{addr}: local and remote backends answer: {names:?}");
     }
     // externalIPs are frontends too.
     let (n, _) = who(&ext, "172.18.100.1:80".parse().unwrap()).expect("externalIP from outside");
