@@ -325,6 +325,17 @@ async fn a_clusterip_with_backends_on_three_nodes_works_from_every_node() {
         .await;
         assert!(seen.is_some(), "NodePort {addr} did not reach backends on all three nodes");
     }
+    // Every agent measures the store's watch lag from the other nodes' heartbeats.
+    for i in 0..3 {
+        let api = c.client_n(i);
+        let n = eventually(Duration::from_secs(20), || async {
+            let m = api.metrics().await.ok()?;
+            let count: f64 = m.lines().find(|l| l.starts_with("fjord_store_watch_lag_seconds_count{"))?.rsplit(' ').next()?.parse().ok()?;
+            (count >= 2.0).then_some(count)
+        })
+        .await;
+        assert!(n.is_some(), "node {i} saw no heartbeats of its peers");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

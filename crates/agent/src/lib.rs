@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cluster;
 pub mod health;
 pub mod ipam;
+pub mod lag;
 pub mod metrics;
 pub mod plumbing;
 pub mod server;

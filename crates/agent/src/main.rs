@@ -96,6 +96,10 @@ struct Args {
     /// How often conntrack GC removes entries idle past their timeout.
     #[arg(long, env = "FJORD_CT_GC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     ct_gc_interval: Duration,
+    /// How often this node writes its heartbeat; other nodes measure the store's watch lag
+    /// from it (fjord_store_watch_lag_seconds). `0s` disables it.
+    #[arg(long, env = "FJORD_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
     /// The Service CIDR: ClusterIPs are allocated from it.
     #[arg(long, env = "FJORD_SERVICE_CIDR", default_value = "10.96.0.0/16")]
     service_cidr: ipnet::Ipv4Net,
@@ -264,6 +268,9 @@ async fn run(args: Args) -> Result<()> {
     record.vtep_mac = cluster::RouteSync::prepare(&nl, args.routing, &record, &underlay_dev).await.context("setting up the overlay")?;
     let lease = Arc::new(std::sync::atomic::AtomicI64::new(0));
     tokio::spawn(cluster::keep_registered(store.clone(), record.clone(), args.node_lease_ttl, lease.clone()));
+    if !args.heartbeat_interval.is_zero() {
+        tokio::spawn(fjord_agent::lag::beat(store.clone(), args.node.clone(), lease.clone(), args.heartbeat_interval));
+    }
     if args.datapath == "on" {
         let mut cfg = fjord_datapath::DatapathConfig::for_node(&args.node);
         if let Some(d) = &args.bpf_pin_dir {
@@ -328,6 +335,9 @@ async fn run(args: Args) -> Result<()> {
         tokio::spawn(conntrack_gc(agent.clone(), dp, args.ct_gc_interval));
     } else {
         *agent.datapath_error.lock().unwrap() = Some("--datapath off".into());
+    }
+    if !args.heartbeat_interval.is_zero() {
+        tokio::spawn(fjord_agent::lag::watch(agent.clone()));
     }
     tokio::spawn(fjord_agent::services::run(agent.clone(), agent.datapath.get().cloned(), lease.clone()));
     let sync = cluster::RouteSync { me: record, routing: args.routing, underlay_dev: underlay_dev.clone(), nl: nl.clone(), view: agent.nodes.clone(), sync_seconds: agent.metrics.route_sync_seconds.clone() };

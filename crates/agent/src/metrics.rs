@@ -35,6 +35,9 @@ pub struct Metrics {
     pub datapath_events: Family<EventLabels, Gauge>,
     pub ct_gc_removed: Counter<u64, AtomicU64>,
     pub ct_gc_seconds: Histogram,
+    /// A peer's heartbeat write → this agent's watch seeing it.
+    pub watch_lag_seconds: Histogram,
+    pub watch_last_lag_seconds: Gauge<f64, AtomicU64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -64,6 +67,8 @@ impl Metrics {
             datapath_events: Family::default(),
             ct_gc_removed: Counter::default(),
             ct_gc_seconds: Histogram::new(buckets.into_iter()),
+            watch_lag_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0].into_iter()),
+            watch_last_lag_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("cni_requests", "CNI requests served, by command and result", m.cni_requests.clone());
@@ -99,6 +104,12 @@ impl Metrics {
         );
         registry.register("conntrack_gc_removed", "Conntrack entries removed by GC (idle past their timeout)", m.ct_gc_removed.clone());
         registry.register("conntrack_gc_duration_seconds", "Time of one conntrack GC pass", m.ct_gc_seconds.clone());
+        registry.register(
+            "store_watch_lag_seconds",
+            "Time from another node writing its heartbeat to this agent's watch delivering it (store write -> watch lag)",
+            m.watch_lag_seconds.clone(),
+        );
+        registry.register("store_watch_last_lag_seconds", "The last heartbeat's watch lag", m.watch_last_lag_seconds.clone());
         Metrics { registry, ..m }
     }
 

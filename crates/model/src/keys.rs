@@ -10,6 +10,7 @@
 //! | `/fjord/v1/services/<namespace>/<name>` | Service (JSON) | `fjordctl apply` |
 //! | `/fjord/v1/endpointslices/<namespace>/<name>` | EndpointSlice (JSON) | `fjordctl apply` (selectorless services), or the agent owning the pods (`<service>-fjord-<node>`, under its node lease) |
 //! | `/fjord/v1/clusterips/<ip>` | `<namespace>/<name>` of the Service holding it | `fjordctl apply` (allocation by transaction) |
+//! | `/fjord/v1/heartbeats/<node>` | the node's wall clock in ms (under its lease) | fjord-agent, every `--heartbeat-interval`; peers measure the watch lag |
 //! | `/fjord/v1/nodeports/<tcp\|udp>/<port>` | `<namespace>/<name>` of the Service holding it | `fjordctl apply` (allocation by transaction, 30000-32767) |
 
 use std::net::Ipv4Addr;
@@ -37,6 +38,13 @@ pub fn clusterip(ip: Ipv4Addr) -> String {
 /// The allocation record of a nodePort (`proto` is `tcp` or `udp`).
 pub fn nodeport(proto: &str, port: u16) -> String {
     format!("{PREFIX}nodeports/{}/{port}", proto.to_ascii_lowercase())
+}
+/// A node's heartbeat (its clock in ms), for the watch-lag metric.
+pub fn heartbeat(node: &str) -> String {
+    format!("{PREFIX}heartbeats/{node}")
+}
+pub fn heartbeats_prefix() -> String {
+    format!("{PREFIX}heartbeats/")
 }
 pub fn nodeports_prefix() -> String {
     format!("{PREFIX}nodeports/")
