@@ -103,6 +103,15 @@ struct Args {
     /// agent manages the host's networking: ip_forward, pod routes). Never used by tests.
     #[arg(long, env = "FJORD_ALLOW_HOST_NETWORK")]
     allow_host_network: bool,
+    /// Run the Gateway API proxy in this agent, fed from the store (GatewayClass with
+    /// controllerName fjord.dev/gateway, Gateway, HTTPRoute, ReferenceGrant, TLS Secrets,
+    /// Services/EndpointSlices); it writes Gateway and HTTPRoute status back to the store.
+    #[arg(long, env = "FJORD_GATEWAY")]
+    gateway: bool,
+    /// Address the Gateway listeners bind (default: this node's underlay address, which is
+    /// also what Gateways report in status.addresses).
+    #[arg(long, env = "FJORD_GATEWAY_LISTEN_ADDRESS")]
+    gateway_listen_address: Option<std::net::IpAddr>,
     /// Log format: text or json. Log level from RUST_LOG (default info).
     #[arg(long, env = "FJORD_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -257,6 +266,12 @@ async fn run(args: Args) -> Result<()> {
             }
         });
         tokio::spawn(fjord_agent::health::run_prober(args.node.clone(), agent.nodes.clone(), agent.health.clone(), args.health_interval));
+    }
+    if args.gateway {
+        let address = addresses.first().map(|a| std::net::IpAddr::V4(*a)).or(args.gateway_listen_address).context("--gateway needs a node address")?;
+        let listen = args.gateway_listen_address.unwrap_or(address);
+        fjord_agent::gatewayapi::start(store.clone(), listen, address);
+        info!(%listen, %address, "gateway: serving Gateway API routes from the store");
     }
     // Reconcile what happened while the agent was down.
     let cleaned = agent.sweep_zombies("agent start").await.map_err(|e| anyhow::anyhow!("initial sweep: {e}"))?;
