@@ -112,6 +112,9 @@ struct Args {
     /// also what Gateways report in status.addresses).
     #[arg(long, env = "FJORD_GATEWAY_LISTEN_ADDRESS")]
     gateway_listen_address: Option<std::net::IpAddr>,
+    /// Serve the gateway's Prometheus metrics (per route and backend) at http://ADDR/metrics.
+    #[arg(long, env = "FJORD_GATEWAY_METRICS_ADDR")]
+    gateway_metrics_addr: Option<std::net::SocketAddr>,
     /// Log format: text or json. Log level from RUST_LOG (default info).
     #[arg(long, env = "FJORD_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -270,7 +273,11 @@ async fn run(args: Args) -> Result<()> {
     if args.gateway {
         let address = addresses.first().map(|a| std::net::IpAddr::V4(*a)).or(args.gateway_listen_address).context("--gateway needs a node address")?;
         let listen = args.gateway_listen_address.unwrap_or(address);
-        fjord_agent::gatewayapi::start(store.clone(), listen, address);
+        let gw = fjord_agent::gatewayapi::start(store.clone(), listen, address);
+        if let Some(addr) = args.gateway_metrics_addr {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --gateway-metrics-addr {addr}"))?;
+            tokio::spawn(fjord_gateway::metrics::serve_metrics(l, gw.metrics()));
+        }
         info!(%listen, %address, "gateway: serving Gateway API routes from the store");
     }
     // Reconcile what happened while the agent was down.
