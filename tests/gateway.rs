@@ -220,8 +220,12 @@ async fn seed_route_split_404_route_change_status_and_bad_input() {
     assert!(out.contains("\"pod\":\"v1a\"") || out.contains("\"pod\":\"v2a\""), "{out}");
 
     // --- status in the store, shown by fjordctl get (yaml includes status)
-    let (code, yaml, err) = fjordctl(&c, &["get", "httproutes", "production-traffic-split", "-n", "backend", "-o", "yaml"]);
-    assert_eq!(code, 0, "{err}");
+    let yaml = eventually(Duration::from_secs(10), || async {
+        let (code, yaml, _) = fjordctl(&c, &["get", "httproutes", "production-traffic-split", "-n", "backend", "-o", "yaml"]);
+        (code == 0 && yaml.contains("observedGeneration: 1")).then_some(yaml)
+    })
+    .await
+    .expect("route status in `get httproutes -o yaml`");
     for want in ["status:", "type: Accepted", "reason: Accepted", "type: ResolvedRefs", "reason: ResolvedRefs", "observedGeneration: 1", "controllerName: fjord.dev/gateway"] {
         assert!(yaml.contains(want), "{want:?} missing in:\n{yaml}");
     }
@@ -266,8 +270,12 @@ async fn seed_route_split_404_route_change_status_and_bad_input() {
         vis[vis.len() - 1],
         percentile(&api, 50.0)
     );
-    let conds = route_conditions(&c, "backend", "production-traffic-split");
-    assert_eq!(conds["Accepted"]["observedGeneration"], 11, "{conds:?}");
+    // The status is written right after the table swap (so it may trail the served change).
+    let gen11 = eventually(Duration::from_secs(10), || async {
+        (route_conditions(&c, "backend", "production-traffic-split").get("Accepted")?["observedGeneration"] == 11).then_some(())
+    })
+    .await;
+    assert!(gen11.is_some(), "status never reached observedGeneration 11: {:?}", route_conditions(&c, "backend", "production-traffic-split"));
 
     // --- bad input: refused as a whole, names document and field; nothing applied
     let extra = "---\napiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: backend}\nspec:\n  ports: [{port: 80}]\n";
@@ -354,7 +362,11 @@ spec:
     })
     .await;
     assert!(ok.is_some(), "granted reference never served");
-    assert_eq!(route_conditions(&c, "other", "sneaky")["ResolvedRefs"]["status"], "True");
+    let resolved = eventually(Duration::from_secs(10), || async {
+        (route_conditions(&c, "other", "sneaky").get("ResolvedRefs")?["status"] == "True").then_some(())
+    })
+    .await;
+    assert!(resolved.is_some(), "ResolvedRefs never True after the grant: {:?}", route_conditions(&c, "other", "sneaky"));
 
     // PortUnavailable: something else holds 8090 on the node's address.
     let node_addr = c.node().address;
