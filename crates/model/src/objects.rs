@@ -557,6 +557,7 @@ impl EndpointSlice {
 /// One object `fjordctl apply` accepts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)] // a handful per apply; boxing would only add noise
 pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
