@@ -2,6 +2,7 @@
 //! runs in), serves the CNI plugin and fjordctl on a unix socket.
 pub mod agent;
 pub mod cluster;
+pub mod gatewayapi;
 pub mod health;
 pub mod ipam;
 pub mod lag;

@@ -136,6 +136,18 @@ struct Args {
     /// agent manages the host's networking: ip_forward, pod routes). Never used by tests.
     #[arg(long, env = "FJORD_ALLOW_HOST_NETWORK")]
     allow_host_network: bool,
+    /// Run the Gateway API proxy in this agent, fed from the store (GatewayClass with
+    /// controllerName fjord.dev/gateway, Gateway, HTTPRoute, ReferenceGrant, TLS Secrets,
+    /// Services/EndpointSlices); it writes Gateway and HTTPRoute status back to the store.
+    #[arg(long, env = "FJORD_GATEWAY")]
+    gateway: bool,
+    /// Address the Gateway listeners bind (default: this node's underlay address, which is
+    /// also what Gateways report in status.addresses).
+    #[arg(long, env = "FJORD_GATEWAY_LISTEN_ADDRESS")]
+    gateway_listen_address: Option<std::net::IpAddr>,
+    /// Serve the gateway's Prometheus metrics (per route and backend) at http://ADDR/metrics.
+    #[arg(long, env = "FJORD_GATEWAY_METRICS_ADDR")]
+    gateway_metrics_addr: Option<std::net::SocketAddr>,
     /// Log format: text or json. Log level from RUST_LOG (default info).
     #[arg(long, env = "FJORD_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -349,6 +361,16 @@ async fn run(args: Args) -> Result<()> {
             }
         });
         tokio::spawn(fjord_agent::health::run_prober(args.node.clone(), agent.nodes.clone(), agent.health.clone(), args.health_interval));
+    }
+    if args.gateway {
+        let address = addresses.first().map(|a| std::net::IpAddr::V4(*a)).or(args.gateway_listen_address).context("--gateway needs a node address")?;
+        let listen = args.gateway_listen_address.unwrap_or(address);
+        let gw = fjord_agent::gatewayapi::start(store.clone(), listen, address);
+        if let Some(addr) = args.gateway_metrics_addr {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --gateway-metrics-addr {addr}"))?;
+            tokio::spawn(fjord_gateway::metrics::serve_metrics(l, gw.metrics()));
+        }
+        info!(%listen, %address, "gateway: serving Gateway API routes from the store");
     }
     // Reconcile what happened while the agent was down.
     let cleaned = agent.sweep_zombies("agent start").await.map_err(|e| anyhow::anyhow!("initial sweep: {e}"))?;

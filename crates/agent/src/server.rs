@@ -20,7 +20,7 @@ pub struct Ctx {
 
 fn parse(c: &Ctx, b: &[u8]) -> Result<Vec<fjord_model::objects::Object>, ApiErr> {
     let req: ManifestRequest = body(b)?;
-    fjord_model::objects::parse_manifests(&req.manifest, &c.validation).map_err(|e| ApiErr(CniError::new(code::INVALID_CONFIG, e.to_string())))
+    fjord_model::objects::parse_manifests_with(&req.manifest, &c.validation, Some(&fjord_gateway::manifest::GatewayKinds)).map_err(|e| ApiErr(CniError::new(code::INVALID_CONFIG, e.to_string())))
 }
 
 pub struct ApiErr(pub CniError);
@@ -131,6 +131,12 @@ pub fn router(ctx: Ctx) -> Router {
                 .await
                 .map_err(|e| ApiErr(CniError::new(code::IO_FAILURE, e.to_string())))?;
                 R::<serde_json::Value>::Ok(Json(v))
+            }),
+        )
+        .route(
+            "/v1/gatewayapi/{resource}",
+            get(|State(c): State<Ctx>, Path(resource): Path<String>| async move {
+                R::<Vec<serde_json::Value>>::Ok(Json(crate::gatewayapi::list_with_status(c.agent.store.as_ref(), &resource).await?))
             }),
         )
         .route("/v1/attachments", get(|State(c): State<Ctx>| async move { R::<Vec<Attachment>>::Ok(Json(c.agent.attachments().await?)) }))

@@ -123,6 +123,10 @@ pub async fn apply(agent: &Agent, ctx: &ValidationContext, objects: Vec<Object>,
                 ops.push(Op::put(keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(&e).unwrap()));
                 out.push(Object::EndpointSlice(e));
             }
+            Object::Extension(x) => {
+                ops.push(crate::gatewayapi::stage_put(store.as_ref(), x.clone()).await?);
+                out.push(Object::Extension(x));
+            }
         }
     }
     if let Some(max) = max_frontends {
@@ -223,6 +227,7 @@ pub async fn delete(agent: &Agent, objects: &[Object]) -> Result<Vec<String>, Cn
         let key = match o {
             Object::Service(s) => keys::service(&s.metadata.namespace, &s.metadata.name),
             Object::EndpointSlice(e) => keys::endpointslice(&e.metadata.namespace, &e.metadata.name),
+            Object::Extension(x) => crate::gatewayapi::key_of(x),
         };
         match agent.store.get(&key).await.map_err(store_err)? {
             None => missing.push(o.key()),

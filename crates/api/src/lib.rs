@@ -179,6 +179,11 @@ impl AgentClient {
     pub async fn endpointslices(&self) -> Result<Vec<serde_json::Value>> {
         self.call(Method::GET, "/v1/endpointslices", None::<&()>).await
     }
+    /// Gateway API objects of a resource (`gatewayclasses`, `gateways`, `httproutes`,
+    /// `referencegrants`) as stored, with their `status` merged in.
+    pub async fn gatewayapi(&self, resource: &str) -> Result<Vec<serde_json::Value>> {
+        self.call(Method::GET, &format!("/v1/gatewayapi/{resource}"), None::<&()>).await
+    }
     /// The datapath's frontends (`vip:port/proto`) and the backends (`ip:port`) each holds now.
     pub async fn datapath_frontends(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
         self.call(Method::GET, "/v1/datapath/frontends", None::<&()>).await

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   fjord-NAME.underlay   bridge br0 (the "underlay", 172.18.0.0/16)
-//!     ├── veth ── fjord-NAME.node1  eth0 172.18.0.2   agent, PodCIDR 10.244.1.0/24
+//!     ├── veth ── fjord-NAME.node1  eth0 172.18.0.2   agent (+ gateway), PodCIDR 10.244.1.0/24
 //!     │                └── veth ── fjord-NAME.pod.NS.POD  eth0 10.244.1.x/32
 //!     └── veth ── fjord-NAME.ext    eth0 172.18.255.1 (external client / "the internet")
 //! ```
@@ -178,6 +178,10 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
             allocate_pod_cidr: o.store == "etcd",
             agent_args: o.agent_args.clone(),
         };
+        // node1 runs the Gateway API proxy (listeners on its underlay address, reachable from ext).
+        if i == 1 && !node.agent_args.iter().any(|a| a == "--gateway") {
+            node.agent_args.push("--gateway".into());
+        }
         install_cni(&o.bin_dir, &node)?;
         state.nodes.push(node.clone());
         home.save_cluster(state)?;

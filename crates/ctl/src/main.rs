@@ -33,10 +33,11 @@ enum Cmd {
     Pod(PodCmd),
     /// Health of every node's agent, store and IPAM (`--verbose` for details).
     Status(StatusArgs),
-    /// Show objects: nodes, services, endpoints.
+    /// Show objects: nodes, services, endpoints, gatewayclasses, gateways, httproutes.
     #[command(subcommand)]
     Get(GetCmd),
-    /// Create or update Services and EndpointSlices from multi-document YAML (or JSON).
+    /// Create or update Services, EndpointSlices and Gateway API objects (GatewayClass, Gateway,
+    /// HTTPRoute, ReferenceGrant, kubernetes.io/tls Secret) from multi-document YAML (or JSON).
     /// All or nothing: one invalid object applies nothing and names the object, field and reason.
     Apply {
         /// File to read, or - for stdin.
@@ -75,6 +76,31 @@ enum GetCmd {
     /// Services (`svc`), optionally one by name.
     #[command(alias = "svc", alias = "service")]
     Services {
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// GatewayClasses (cluster-scoped), optionally one by name.
+    #[command(alias = "gatewayclass", alias = "gc")]
+    Gatewayclasses {
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Gateways with address and Programmed condition (`-o wide`: listeners; `-o yaml`: status).
+    #[command(alias = "gateway", alias = "gtw")]
+    Gateways {
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// HTTPRoutes with hostnames, parents and conditions (`-o wide`: reasons; `-o yaml`: status).
+    #[command(alias = "httproute")]
+    Httproutes {
         name: Option<String>,
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -226,6 +252,18 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Get(GetCmd::Endpoints { name, namespace, output }) => {
             let cl = home.resolve(cli.cluster.as_deref())?;
             get_endpoints(&cl, name.as_deref(), &namespace, output).await
+        }
+        Cmd::Get(GetCmd::Gatewayclasses { name, output }) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            get_gatewayapi(&cl, "gatewayclasses", name.as_deref(), None, output).await
+        }
+        Cmd::Get(GetCmd::Gateways { name, namespace, output }) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            get_gatewayapi(&cl, "gateways", name.as_deref(), Some(&namespace), output).await
+        }
+        Cmd::Get(GetCmd::Httproutes { name, namespace, output }) => {
+            let cl = home.resolve(cli.cluster.as_deref())?;
+            get_gatewayapi(&cl, "httproutes", name.as_deref(), Some(&namespace), output).await
         }
         Cmd::Apply { file } => {
             let cl = home.resolve(cli.cluster.as_deref())?;
@@ -642,6 +680,105 @@ async fn get_endpoints(cl: &fjordctl::context::ClusterState, name: Option<&str>,
     println!("{:<20} ENDPOINTS", "NAME");
     for (s, eps) in by_svc {
         println!("{s:<20} {}", eps.join(","));
+    }
+    Ok(0)
+}
+
+/// `status.conditions[type]` as `True`/`False` (reason in wide output), `-` when absent.
+fn cond(conds: &serde_json::Value, t: &str, wide: bool) -> String {
+    match conds.as_array().and_then(|a| a.iter().find(|c| c["type"] == t)) {
+        None => "-".into(),
+        Some(c) if wide => format!("{}({})", c["status"].as_str().unwrap_or("?"), c["reason"].as_str().unwrap_or("?")),
+        Some(c) => c["status"].as_str().unwrap_or("?").to_string(),
+    }
+}
+
+async fn get_gatewayapi(cl: &fjordctl::context::ClusterState, resource: &str, name: Option<&str>, ns: Option<&str>, output: Output) -> Result<i32> {
+    let all = any_agent(cl).await?.gatewayapi(resource).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sel: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|o| ns.is_none_or(|ns| o["metadata"]["namespace"] == ns) && name.is_none_or(|n| o["metadata"]["name"] == n))
+        .collect();
+    if let Some(n) = name {
+        if sel.is_empty() {
+            let kind = match resource {
+                "gatewayclasses" => "gatewayclass",
+                "gateways" => "gateway",
+                _ => "httproute",
+            };
+            bail!("{kind} {}{n} not found", ns.map(|n| format!("{n}/")).unwrap_or_default());
+        }
+    }
+    if emit(output, &sel)? {
+        return Ok(0);
+    }
+    let wide = output == Output::Wide;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    match resource {
+        "gatewayclasses" => {
+            println!("{:<20} {:<24} ACCEPTED", "NAME", "CONTROLLER");
+            for o in sel {
+                println!("{:<20} {:<24} {}", s(&o["metadata"]["name"]), s(&o["spec"]["controllerName"]), cond(&o["status"]["conditions"], "Accepted", wide));
+            }
+        }
+        "gateways" => {
+            print!("{:<24} {:<12} {:<16} {:<12}", "NAME", "CLASS", "ADDRESS", "PROGRAMMED");
+            println!("{}", if wide { " LISTENERS" } else { "" });
+            for o in sel {
+                let addr: Vec<String> = o["status"]["addresses"].as_array().map(|a| a.iter().map(|x| s(&x["value"])).collect()).unwrap_or_default();
+                print!(
+                    "{:<24} {:<12} {:<16} {:<12}",
+                    s(&o["metadata"]["name"]),
+                    s(&o["spec"]["gatewayClassName"]),
+                    if addr.is_empty() { "<pending>".into() } else { addr.join(",") },
+                    cond(&o["status"]["conditions"], "Programmed", wide)
+                );
+                if wide {
+                    let ls: Vec<String> = o["spec"]["listeners"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|l| {
+                                    let st = o["status"]["listeners"].as_array().and_then(|sl| sl.iter().find(|x| x["name"] == l["name"]));
+                                    let (prog, attached) = st.map(|x| (cond(&x["conditions"], "Accepted", true), x["attachedRoutes"].as_u64().unwrap_or(0))).unwrap_or(("-".into(), 0));
+                                    format!("{}:{}/{} routes={attached} {prog}", s(&l["name"]), l["port"], s(&l["protocol"]))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    print!(" {}", ls.join("; "));
+                }
+                println!();
+            }
+        }
+        _ => {
+            print!("{:<28} {:<24} {:<24} {:<10} {:<12}", "NAME", "HOSTNAMES", "PARENTS", "ACCEPTED", "RESOLVEDREFS");
+            println!("{}", if wide { " BACKENDS" } else { "" });
+            for o in sel {
+                let hosts: Vec<String> = o["spec"]["hostnames"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
+                let parents: Vec<String> = o["spec"]["parentRefs"].as_array().map(|a| a.iter().map(|p| s(&p["name"])).collect()).unwrap_or_default();
+                // conditions of the first parent (kubectl shows the same)
+                let conds = &o["status"]["parents"][0]["conditions"];
+                print!(
+                    "{:<28} {:<24} {:<24} {:<10} {:<12}",
+                    s(&o["metadata"]["name"]),
+                    if hosts.is_empty() { "*".into() } else { hosts.join(",") },
+                    parents.join(","),
+                    cond(conds, "Accepted", wide),
+                    cond(conds, "ResolvedRefs", wide)
+                );
+                if wide {
+                    let mut b = vec![];
+                    for r in o["spec"]["rules"].as_array().cloned().unwrap_or_default() {
+                        for br in r["backendRefs"].as_array().cloned().unwrap_or_default() {
+                            b.push(format!("{}:{} w={}", s(&br["name"]), br["port"], br["weight"].as_u64().unwrap_or(1)));
+                        }
+                    }
+                    print!(" {}", b.join(","));
+                }
+                println!();
+            }
+        }
     }
     Ok(0)
 }

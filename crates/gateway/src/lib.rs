@@ -24,7 +24,9 @@
 
 pub mod api;
 pub mod config;
+pub mod controller;
 pub mod echo;
+pub mod manifest;
 pub mod matching;
 pub mod metrics;
 pub mod pool;

@@ -952,6 +952,63 @@ pub fn build(objs: &ObjectSet, resolver: &dyn BackendResolver) -> BuildOutput {
     BuildOutput { table, status }
 }
 
+/// Resolves every backend (to no endpoints): for validating objects on their own.
+struct AnyBackend;
+impl BackendResolver for AnyBackend {
+    fn resolve(&self, _: &str, _: &str, _: u16) -> Result<crate::resolver::ResolvedBackend, ResolveError> {
+        Ok(crate::resolver::ResolvedBackend { endpoints: vec![], protocol: AppProtocol::Http1 })
+    }
+}
+
+/// Check an HTTPRoute on its own (what does not depend on other objects): hostnames, matches
+/// (path types, regular expressions, methods, headers, query params), filters (types and their
+/// fields), weights, timeouts. Err is `field: reason` with the field relative to the object
+/// (`spec.rules[0].matches[0].path.value: invalid regular expression …`). Used by `fjordctl
+/// apply`; the same checks make a rule invalid (a status condition) when the table is built.
+pub fn validate_route(route: &HttpRoute) -> Result<(), String> {
+    for (i, h) in route.spec.hostnames.iter().enumerate() {
+        validate_hostname(h).map_err(|e| format!("spec.hostnames[{i}]: {e}"))?;
+    }
+    let prefix = format!("HTTPRoute {} ", route.metadata.key());
+    for c in compile_rules(route, &ObjectSet::default(), &AnyBackend) {
+        if let Some(e) = c.error {
+            return Err(e.strip_prefix(&prefix).unwrap_or(&e).to_string());
+        }
+    }
+    Ok(())
+}
+
+/// Check a Gateway on its own: every listener must be acceptable (protocol HTTP/HTTPS, valid
+/// hostname, unique name, port 1-65535, allowedRoutes, TLS mode). Conflicts between listeners,
+/// certificate references and port binding are reported as status conditions instead. Err is
+/// `field: reason` relative to the object.
+pub fn validate_gateway(gw: &Gateway) -> Result<(), String> {
+    for (i, l) in gw.spec.listeners.iter().enumerate() {
+        if l.port == 0 {
+            return Err(format!("spec.listeners[{i}].port: 0 is not a valid port (1-65535)"));
+        }
+    }
+    let objs = ObjectSet {
+        gateway_classes: vec![GatewayClass {
+            metadata: ObjectMeta { name: gw.spec.gateway_class_name.clone(), ..Default::default() },
+            spec: GatewayClassSpec { controller_name: CONTROLLER_NAME.into(), description: None, parameters_ref: None },
+        }],
+        gateways: vec![gw.clone()],
+        ..Default::default()
+    };
+    let out = build(&objs, &AnyBackend);
+    let prefix = format!("Gateway {} ", gw.metadata.key());
+    for (i, l) in out.status.gateways.get(&gw.metadata.key()).map(|s| s.listeners.as_slice()).unwrap_or_default().iter().enumerate() {
+        if let Some(c) = find_condition(&l.conditions, "Accepted").filter(|c| !c.is_true()) {
+            let m = c.message.strip_prefix(&prefix).unwrap_or(&c.message);
+            // "spec.listeners[0] (web).hostname: …" → "spec.listeners[0].hostname: …"
+            let m = m.replacen(&format!("spec.listeners[{i}] ({})", l.name), &format!("spec.listeners[{i}]"), 1);
+            return Err(m);
+        }
+    }
+    Ok(())
+}
+
 struct CompiledRule {
     matches: Vec<Arc<RouteEntry>>,
     /// Why this rule is invalid (it is dropped).

@@ -136,3 +136,67 @@ fn check_mode_prints_status_and_bad_config_fails_naming_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("spec.listeners[0]") && err.contains("hostnme") && err.contains("c.yaml"), "{err}");
 }
+
+/// `fjord-gateway --store`: objects written to a store file (as `fjordctl apply` would) are
+/// served, and the route's status is written back to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_mode_binary_serves_objects_from_the_store_and_writes_status() {
+    use fjord_model::keys;
+    use fjord_model::objects::{parse_manifests_with, Object, ValidationContext};
+    let a = echo("a", "app").await;
+    let port = free_port();
+    let dir = tempfile::Builder::new().prefix("fjtgw-").tempdir().unwrap();
+    let url = format!("embedded:{}", dir.path().join("store.redb").display());
+    let text = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: app}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: app, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: app}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n",
+        class_and_gateway("gw", "app", port),
+        a.port()
+    );
+    {
+        let store = fjord_store::open(&url).await.unwrap();
+        let objs = parse_manifests_with(&text, &ValidationContext::default(), Some(&fjord_gateway::manifest::GatewayKinds)).unwrap();
+        for o in objs {
+            let (k, v) = match &o {
+                Object::Service(s) => (keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(s).unwrap()),
+                Object::EndpointSlice(e) => (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(e).unwrap()),
+                Object::Extension(x) => {
+                    let mut x = x.clone();
+                    x.carry_over(None, "2025-01-01T00:00:00Z");
+                    (keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name), serde_json::to_vec(&x.value).unwrap())
+                }
+            };
+            store.put(&k, v, None).await.unwrap();
+        }
+    } // the store file is free again: one process per embedded store
+    let child = Command::new(env!("CARGO_BIN_EXE_fjord-gateway"))
+        .args(["--store", &url, "--listen-address", "127.0.0.1", "--workers", "1", "--shutdown-grace-secs", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Kill(child);
+    let u = format!("http://127.0.0.1:{port}/hello");
+    eventually("the route is served from the store", || {
+        let u = u.clone();
+        async move { try_get(&u).await.is_some_and(|r| r.status == 200 && String::from_utf8_lossy(&r.body).contains("\"pod\":\"a\"")) }
+    })
+    .await;
+    // The status write follows the table swap by a few milliseconds; the store file can only be
+    // opened once the gateway has exited, so give it a moment before stopping it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = fjord_store::open(&url).await.unwrap();
+    let st = store.get(&keys::status("httproutes", "app", "r")).await.unwrap().expect("route status written to the store");
+    let v: serde_json::Value = serde_json::from_slice(&st.value).unwrap();
+    assert_eq!(v["parents"][0]["conditions"][0]["status"], "True", "{v}");
+    let g: serde_json::Value = serde_json::from_slice(&store.get(&keys::status("gateways", "app", "gw")).await.unwrap().unwrap().value).unwrap();
+    assert_eq!(g["addresses"][0]["value"], "127.0.0.1");
+}

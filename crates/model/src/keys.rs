@@ -12,6 +12,16 @@
 //! | `/fjord/v1/clusterips/<ip>` | `<namespace>/<name>` of the Service holding it | `fjordctl apply` (allocation by transaction) |
 //! | `/fjord/v1/heartbeats/<node>` | the node's wall clock in ms (under its lease) | fjord-agent, every `--heartbeat-interval`; peers measure the watch lag |
 //! | `/fjord/v1/nodeports/<tcp\|udp>/<port>` | `<namespace>/<name>` of the Service holding it | `fjordctl apply` (allocation by transaction, 30000-32767) |
+//! | `/fjord/v1/gatewayclasses/<name>` | GatewayClass (JSON, gateway.networking.k8s.io/v1) | `fjordctl apply` |
+//! | `/fjord/v1/gateways/<namespace>/<name>` | Gateway (JSON) | `fjordctl apply` |
+//! | `/fjord/v1/httproutes/<namespace>/<name>` | HTTPRoute (JSON) | `fjordctl apply` |
+//! | `/fjord/v1/referencegrants/<namespace>/<name>` | ReferenceGrant (JSON) | `fjordctl apply` |
+//! | `/fjord/v1/secrets/<namespace>/<name>` | Secret of type `kubernetes.io/tls` (JSON) | `fjordctl apply` |
+//! | `/fjord/v1/status/<resource>/<namespace>/<name>` | the `status` of a Gateway API object (`<resource>` as above; GatewayClass: `status/gatewayclasses/<name>`) | the gateway controller (agent `--gateway`) |
+//!
+//! Spec and status live under different keys so that each has one writer: `apply` never
+//! overwrites a status and the gateway never rewrites a spec; watches on the spec prefixes do not
+//! fire for status writes.
 
 use std::net::Ipv4Addr;
 
@@ -85,6 +95,43 @@ pub fn pod(namespace: &str, name: &str) -> String {
     format!("{PREFIX}pods/{namespace}/{name}")
 }
 
+/// Store resource names (plural, lower case, as in Kubernetes) of the kinds `fjordctl apply`
+/// accepts besides Services and EndpointSlices. `None` for other kinds.
+pub fn resource_of_kind(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "GatewayClass" => "gatewayclasses",
+        "Gateway" => "gateways",
+        "HTTPRoute" => "httproutes",
+        "ReferenceGrant" => "referencegrants",
+        "Secret" => "secrets",
+        _ => return None,
+    })
+}
+/// The resources of [`resource_of_kind`].
+pub const EXTENSION_RESOURCES: [&str; 5] = ["gatewayclasses", "gateways", "httproutes", "referencegrants", "secrets"];
+
+/// Prefix of a resource's objects: `/fjord/v1/<resource>/`.
+pub fn resource_prefix(resource: &str) -> String {
+    format!("{PREFIX}{resource}/")
+}
+/// Key of an object: `/fjord/v1/<resource>/<namespace>/<name>`, or `/fjord/v1/<resource>/<name>`
+/// when `namespace` is empty (cluster-scoped).
+pub fn object(resource: &str, namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        format!("{PREFIX}{resource}/{name}")
+    } else {
+        format!("{PREFIX}{resource}/{namespace}/{name}")
+    }
+}
+/// Prefix of a resource's status records: `/fjord/v1/status/<resource>/`.
+pub fn status_prefix(resource: &str) -> String {
+    format!("{PREFIX}status/{resource}/")
+}
+/// Key of an object's status (same layout as [`object`] under `status/`).
+pub fn status(resource: &str, namespace: &str, name: &str) -> String {
+    object(&format!("status/{resource}"), namespace, name)
+}
+
 /// The IP of an IPAM key (`.../ipam/<node>/<ip>`), if it is one.
 pub fn ip_of_ipam_key(key: &str) -> Option<Ipv4Addr> {
     key.rsplit('/').next()?.parse().ok()
@@ -98,6 +145,20 @@ mod tests {
         assert_eq!(k, "/fjord/v1/ipam/n1/10.244.1.7");
         assert!(k.starts_with(&super::ipam_prefix("n1")));
         assert_eq!(super::ip_of_ipam_key(&k), Some("10.244.1.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn gateway_keys() {
+        assert_eq!(super::object("httproutes", "backend", "r"), "/fjord/v1/httproutes/backend/r");
+        assert_eq!(super::object("gatewayclasses", "", "fjord"), "/fjord/v1/gatewayclasses/fjord");
+        assert_eq!(super::status("httproutes", "backend", "r"), "/fjord/v1/status/httproutes/backend/r");
+        assert!(super::status("gateways", "a", "b").starts_with(&super::status_prefix("gateways")));
+        // status keys are not under any spec prefix
+        for r in super::EXTENSION_RESOURCES {
+            assert!(!super::status(r, "a", "b").starts_with(&super::resource_prefix(r)));
+        }
+        assert_eq!(super::resource_of_kind("HTTPRoute"), Some("httproutes"));
+        assert_eq!(super::resource_of_kind("Service"), None);
     }
 
     #[test]

@@ -557,34 +557,144 @@ impl EndpointSlice {
 /// One object `fjordctl apply` accepts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)] // a handful per apply; boxing would only add noise
 pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
+    /// A kind validated by an [`ExtensionKinds`] (the Gateway API kinds and TLS Secrets,
+    /// validated by fjord-gateway).
+    Extension(ExtObject),
 }
 
 impl Object {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &str {
         match self {
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
+            Object::Extension(x) => &x.kind,
         }
     }
-    pub fn metadata(&self) -> &ObjectMeta {
+    /// Metadata of the core kinds (extension objects keep theirs in [`ExtObject::value`]).
+    pub fn metadata(&self) -> Option<&ObjectMeta> {
         match self {
-            Object::Service(s) => &s.metadata,
-            Object::EndpointSlice(e) => &e.metadata,
+            Object::Service(s) => Some(&s.metadata),
+            Object::EndpointSlice(e) => Some(&e.metadata),
+            Object::Extension(_) => None,
         }
     }
+    /// The namespace; empty for cluster-scoped kinds (GatewayClass).
     pub fn namespace(&self) -> &str {
-        &self.metadata().namespace
+        match self {
+            Object::Service(s) => &s.metadata.namespace,
+            Object::EndpointSlice(e) => &e.metadata.namespace,
+            Object::Extension(x) => x.namespace.as_deref().unwrap_or(""),
+        }
     }
     pub fn name(&self) -> &str {
-        &self.metadata().name
+        match self {
+            Object::Service(s) => &s.metadata.name,
+            Object::EndpointSlice(e) => &e.metadata.name,
+            Object::Extension(x) => &x.name,
+        }
     }
-    /// `"Service/ns/name"`.
+    /// `"Service/ns/name"`, or `"GatewayClass/name"` for cluster-scoped kinds.
     pub fn key(&self) -> String {
-        format!("{}/{}/{}", self.kind(), self.namespace(), self.name())
+        if self.namespace().is_empty() {
+            format!("{}/{}", self.kind(), self.name())
+        } else {
+            format!("{}/{}/{}", self.kind(), self.namespace(), self.name())
+        }
     }
+}
+
+/// An object of a kind that an [`ExtensionKinds`] validated. The model checks the
+/// document frame (apiVersion, kind, metadata.name/namespace); the extension checks the rest
+/// and returns the canonical object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtObject {
+    pub api_version: String,
+    pub kind: String,
+    /// `None` for cluster-scoped kinds.
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The whole object as JSON (apiVersion, kind, metadata, spec/data…), without `status`.
+    pub value: serde_json::Value,
+}
+
+impl Serialize for ExtObject {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(s)
+    }
+}
+
+impl ExtObject {
+    /// Keep what the store owns across re-applies: `metadata.creationTimestamp` (route
+    /// precedence: the oldest route wins) from `prev`, and `metadata.generation`, which starts
+    /// at 1 and grows by one whenever anything outside `metadata` changes (status conditions
+    /// report it as `observedGeneration`). `now` is an RFC 3339 timestamp.
+    pub fn carry_over(&mut self, prev: Option<&serde_json::Value>, now: &str) {
+        let body = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(m) = v.as_object_mut() {
+                m.remove("metadata");
+                m.remove("status");
+            }
+            v
+        };
+        let prev_meta = prev.and_then(|p| p.get("metadata"));
+        let prev_gen = prev_meta.and_then(|m| m.get("generation")).and_then(|g| g.as_i64());
+        let created = prev_meta.and_then(|m| m.get("creationTimestamp")).and_then(|c| c.as_str()).map(str::to_string);
+        let generation = match (prev, prev_gen) {
+            (Some(p), Some(g)) if body(p) == body(&self.value) => g,
+            (Some(_), Some(g)) => g + 1,
+            _ => 1,
+        };
+        if let Some(m) = self.value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            m.insert("generation".into(), generation.into());
+            m.insert("creationTimestamp".into(), created.unwrap_or_else(|| now.to_string()).into());
+        }
+    }
+}
+
+/// `2024-05-01T10:00:00Z` for seconds since the Unix epoch (UTC; the form Kubernetes uses for
+/// `creationTimestamp` and `lastTransitionTime`, which sorts by time as text).
+pub fn rfc3339(unix_secs: u64) -> String {
+    let days = (unix_secs / 86400) as i64;
+    let rem = unix_secs % 86400;
+    // civil_from_days (H. Hinnant)
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// A problem found by an [`ExtensionKinds`] validator: field path (e.g.
+/// `spec.rules[0].matches[0].path.value`) and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+/// Kinds validated outside this crate. The model cannot depend on fjord-gateway (which depends
+/// on the model for Services, EndpointSlices and the key layout), so the gateway plugs its
+/// parser and validation in here: [`parse_manifests_with`] hands it every document of a kind it
+/// names, and reports its errors with the document and object like every other error.
+pub trait ExtensionKinds: Send + Sync {
+    /// The apiVersions accepted for `kind`, or `None` if the kind is not handled.
+    fn api_versions(&self, kind: &str) -> Option<&'static [&'static str]>;
+    /// Is `kind` cluster-scoped (no namespace)?
+    fn cluster_scoped(&self, kind: &str) -> bool;
+    /// Human-readable list of the handled kinds, for error messages.
+    fn describe(&self) -> &'static str;
+    /// Parse and validate one document (already known to be of a handled kind and apiVersion).
+    fn validate(&self, api_version: &str, kind: &str, value: serde_norway::Value) -> Result<ExtObject, FieldError>;
 }
 
 /// Dispatches on `kind`; no semantic validation (use [`parse_manifests`] for that).
@@ -1248,6 +1358,7 @@ fn parse_value(
     document: usize,
     prefix: &str,
     ctx: &ValidationContext,
+    ext: Option<&dyn ExtensionKinds>,
     out: &mut Vec<Object>,
 ) -> Result<(), ManifestError> {
     let mut dc = DocCtx {
@@ -1271,16 +1382,26 @@ fn parse_value(
         }
     }
     dc.kind = kind.clone();
-    let Some(kind) = kind else {
-        return Err(dc.err("kind", format!("kind is missing; supported kinds: {SUPPORTED}")));
+    let supported = match ext {
+        Some(x) => format!("{SUPPORTED}, {}", x.describe()),
+        None => SUPPORTED.to_string(),
     };
+    let Some(kind) = kind else {
+        return Err(dc.err("kind", format!("kind is missing; supported kinds: {supported}")));
+    };
+    if let Some((x, versions)) = ext.and_then(|x| Some((x, x.api_versions(&kind)?))) {
+        if x.cluster_scoped(&kind) {
+            dc.object = value.get("metadata").and_then(|m| get_str(m, "name")).map(str::to_string);
+        }
+        return parse_extension(x, versions, &kind, api_version.as_deref(), value, &dc, out);
+    }
     let want_api = match kind.as_str() {
         "Service" | "List" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         other => {
             return Err(dc.err(
                 "kind",
-                format!("kind {other:?} is not supported by fjord apply; supported kinds: {SUPPORTED}"),
+                format!("kind {other:?} is not supported by fjord apply; supported kinds: {supported}"),
             ))
         }
     };
@@ -1330,10 +1451,46 @@ fn parse_value(
             };
             for (i, item) in items.into_iter().enumerate() {
                 let p = format!("{prefix}items[{i}].");
-                parse_value(item, document, &p, ctx, out)?;
+                parse_value(item, document, &p, ctx, ext, out)?;
             }
         }
     }
+    Ok(())
+}
+
+/// A document of a kind an extension handles: the frame (apiVersion, metadata.name and
+/// namespace) is checked here, the rest by the extension.
+fn parse_extension(
+    x: &dyn ExtensionKinds,
+    versions: &[&str],
+    kind: &str,
+    api_version: Option<&str>,
+    value: YamlValue,
+    dc: &DocCtx<'_>,
+    out: &mut Vec<Object>,
+) -> Result<(), ManifestError> {
+    match api_version {
+        Some(a) if versions.contains(&a) => {}
+        Some(a) => {
+            return Err(dc.err("apiVersion", format!("apiVersion {a:?} is not supported for kind {kind}; use apiVersion: {}", versions.join(" or "))))
+        }
+        None => return Err(dc.err("apiVersion", format!("apiVersion is missing; use apiVersion: {}", versions[0]))),
+    }
+    let meta = value.get("metadata");
+    let Some(name) = meta.and_then(|m| get_str(m, "name")) else {
+        return Err(dc.err("metadata.name", "name is missing; add metadata.name"));
+    };
+    check_dns1123_subdomain(name).map_err(|e| dc.err("metadata.name", format!("name {name:?} {e}; rename the object")))?;
+    if x.cluster_scoped(kind) {
+        if meta.and_then(|m| m.get("namespace")).is_some() {
+            return Err(dc.err("metadata.namespace", format!("{kind} is cluster-scoped; remove metadata.namespace")));
+        }
+    } else if let Some(ns) = meta.and_then(|m| m.get("namespace")) {
+        let ns = ns.as_str().unwrap_or("");
+        check_dns1123_label(ns).map_err(|e| dc.err("metadata.namespace", format!("namespace {ns:?} {e}; use a valid namespace name")))?;
+    }
+    let o = x.validate(api_version.unwrap_or_default(), kind, value).map_err(|e| dc.err(&e.field, e.reason))?;
+    out.push(Object::Extension(o));
     Ok(())
 }
 
@@ -1341,6 +1498,11 @@ fn parse_value(
 /// the first invalid document fails the whole call. Empty documents are
 /// skipped; a `kind: List` contributes its `items`.
 pub fn parse_manifests(text: &str, ctx: &ValidationContext) -> Result<Vec<Object>, ManifestError> {
+    parse_manifests_with(text, ctx, None)
+}
+
+/// [`parse_manifests`], also accepting the kinds `ext` handles (validated by it).
+pub fn parse_manifests_with(text: &str, ctx: &ValidationContext, ext: Option<&dyn ExtensionKinds>) -> Result<Vec<Object>, ManifestError> {
     let mut out: Vec<Object> = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
@@ -1356,7 +1518,7 @@ pub fn parse_manifests(text: &str, ctx: &ValidationContext) -> Result<Vec<Object
             continue;
         }
         let start = out.len();
-        parse_value(value, document, "", ctx, &mut out)?;
+        parse_value(value, document, "", ctx, ext, &mut out)?;
         for obj in &out[start..] {
             if let Some(first) = seen.insert(obj.key(), document) {
                 let (kind, ns, name) = (obj.kind(), obj.namespace(), obj.name());
@@ -2221,5 +2383,93 @@ ports:
         assert!(check_label_key("a/b/c").is_err());
         assert!(check_label_value("").is_ok());
         assert!(check_label_value("a_").is_err());
+    }
+
+    /// A toy extension: kind `Widget` (example.dev/v1) with `spec.size` < 10; `Thing` cluster-scoped.
+    struct Widgets;
+    impl ExtensionKinds for Widgets {
+        fn api_versions(&self, kind: &str) -> Option<&'static [&'static str]> {
+            matches!(kind, "Widget" | "Thing").then_some(&["example.dev/v1"])
+        }
+        fn cluster_scoped(&self, kind: &str) -> bool {
+            kind == "Thing"
+        }
+        fn describe(&self) -> &'static str {
+            "Widget (example.dev/v1)"
+        }
+        fn validate(&self, api_version: &str, kind: &str, value: serde_norway::Value) -> Result<ExtObject, FieldError> {
+            let v: serde_json::Value = serde_json::to_value(&value).unwrap();
+            if v["spec"]["size"].as_u64().unwrap_or(0) >= 10 {
+                return Err(FieldError { field: "spec.size".into(), reason: "must be < 10".into() });
+            }
+            Ok(ExtObject {
+                api_version: api_version.into(),
+                kind: kind.into(),
+                namespace: (kind != "Thing").then(|| v["metadata"]["namespace"].as_str().unwrap_or("default").to_string()),
+                name: v["metadata"]["name"].as_str().unwrap().into(),
+                value: v,
+            })
+        }
+    }
+
+    #[test]
+    fn extension_kinds_mix_with_services_all_or_nothing() {
+        let ctx = ValidationContext::default();
+        let w = "apiVersion: example.dev/v1\nkind: Widget\nmetadata: {name: w, namespace: app}\nspec: {size: 3}\n";
+        let text = format!("{}\n---\n{w}", svc("  ports:\n  - port: 80\n"));
+        let objs = parse_manifests_with(&text, &ctx, Some(&Widgets)).unwrap();
+        assert_eq!(objs.len(), 2);
+        assert_eq!(objs[1].key(), "Widget/app/w");
+        // without the extension the kind is unknown, and the message lists what is supported
+        let e = parse(&text).unwrap_err();
+        assert_eq!((e.document, e.field.as_str()), (2, "kind"));
+        // the extension's error names document, object and field
+        let bad = format!("{}\n---\n{}", svc("  ports:\n  - port: 80\n"), w.replace("size: 3", "size: 30"));
+        let e = parse_manifests_with(&bad, &ctx, Some(&Widgets)).unwrap_err();
+        assert_eq!((e.document, e.object.as_deref(), e.field.as_str()), (2, Some("app/w"), "spec.size"), "{e}");
+        assert!(e.to_string().contains("must be < 10"), "{e}");
+        // the frame is checked here: apiVersion, name, namespace of cluster-scoped kinds
+        let e = parse_manifests_with(&w.replace("example.dev/v1", "example.dev/v2"), &ctx, Some(&Widgets)).unwrap_err();
+        assert_eq!(e.field, "apiVersion", "{e}");
+        let e = parse_manifests_with(&w.replace("name: w", "name: W_"), &ctx, Some(&Widgets)).unwrap_err();
+        assert_eq!(e.field, "metadata.name", "{e}");
+        let t = "apiVersion: example.dev/v1\nkind: Thing\nmetadata: {name: t, namespace: x}\n";
+        let e = parse_manifests_with(t, &ctx, Some(&Widgets)).unwrap_err();
+        assert_eq!(e.field, "metadata.namespace", "{e}");
+        let objs = parse_manifests_with("apiVersion: example.dev/v1\nkind: Thing\nmetadata: {name: t}\n", &ctx, Some(&Widgets)).unwrap();
+        assert_eq!(objs[0].key(), "Thing/t");
+        // duplicates across the file
+        let e = parse_manifests_with(&format!("{w}---\n{w}"), &ctx, Some(&Widgets)).unwrap_err();
+        assert!(e.reason.contains("defined twice"), "{e}");
+    }
+
+    #[test]
+    fn ext_object_generation_and_creation_timestamp() {
+        let mk = |size: u64| ExtObject {
+            api_version: "example.dev/v1".into(),
+            kind: "Widget".into(),
+            namespace: Some("default".into()),
+            name: "w".into(),
+            value: serde_json::json!({"apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": size}}),
+        };
+        let mut a = mk(1);
+        a.carry_over(None, "2025-01-01T00:00:00Z");
+        assert_eq!(a.value["metadata"]["generation"], 1);
+        let mut b = mk(1);
+        b.carry_over(Some(&a.value), "2025-02-01T00:00:00Z");
+        assert_eq!(b.value["metadata"]["generation"], 1, "unchanged spec keeps the generation");
+        assert_eq!(b.value["metadata"]["creationTimestamp"], "2025-01-01T00:00:00Z");
+        let mut c = mk(2);
+        c.carry_over(Some(&b.value), "2025-03-01T00:00:00Z");
+        assert_eq!(c.value["metadata"]["generation"], 2);
+        assert_eq!(c.value["metadata"]["creationTimestamp"], "2025-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951782400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1714557600), "2024-05-01T10:00:00Z");
+        assert_eq!(rfc3339(4102444799), "2099-12-31T23:59:59Z");
     }
 }

@@ -1,4 +1,5 @@
-//! fjord-gateway: the Gateway API L7 proxy, standalone mode (objects from YAML files).
+//! fjord-gateway: the Gateway API L7 proxy: standalone mode (objects from YAML files) or store
+//! mode (`--store`, objects from fjord's store; the agent's `--gateway` runs the same controller).
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +33,11 @@ use sha2::Digest;
 ///         appProtocol: http               # or kubernetes.io/h2c
 ///         endpoints: ["127.0.0.1:9001", "127.0.0.1:9002"]   # ready endpoints
 ///
+/// Store mode (--store etcd:http://HOST:PORT, instead of --config): the same objects (without
+/// StaticService: backends are Services + EndpointSlices) are read from fjord's store, where
+/// `fjordctl apply` puts them, and watched; Gateway/HTTPRoute status is written back. On a
+/// single node with the embedded store, run the gateway inside the agent (fjord-agent --gateway).
+///
 /// The configuration is reloaded on SIGHUP and when the files change (polled). A file that does
 /// not parse is refused as a whole and the running configuration stays. Objects that parse but
 /// are invalid (bad regex, unknown filter type, conflicting listener, cross-namespace ref without
@@ -47,8 +53,17 @@ use sha2::Digest;
 #[command(name = "fjord-gateway", version, verbatim_doc_comment)]
 struct Args {
     /// YAML file or directory with Gateway API objects and StaticServices.
-    #[arg(long, env = "FJORD_GATEWAY_CONFIG")]
-    config: PathBuf,
+    #[arg(long, env = "FJORD_GATEWAY_CONFIG", required_unless_present = "store", conflicts_with = "store")]
+    config: Option<PathBuf>,
+    /// Store mode: read Gateway API objects, Services and EndpointSlices from fjord's store
+    /// (`etcd:http://HOST:PORT[,…]`; an `embedded:PATH` store can only be used by the agent that
+    /// owns it, so on a single node use `fjord-agent --gateway`), watch it, and write Gateway and
+    /// HTTPRoute status back.
+    #[arg(long, env = "FJORD_STORE")]
+    store: Option<String>,
+    /// Store mode: the address Gateways report in status.addresses (default: --listen-address).
+    #[arg(long, env = "FJORD_GATEWAY_STATUS_ADDRESS")]
+    status_address: Option<IpAddr>,
     /// IP address the Gateway listeners bind (ports come from the listeners).
     #[arg(long, env = "FJORD_GATEWAY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     listen_address: IpAddr,
@@ -130,7 +145,8 @@ fn log_status(s: &StatusReport) {
 }
 
 async fn load_and_apply(args: &Args, gw: &Gateway) -> anyhow::Result<()> {
-    let objs = ObjectSet::load_path(&args.config).context("config refused; the running configuration is unchanged")?;
+    let config = args.config.as_ref().context("--config is required")?;
+    let objs = ObjectSet::load_path(config).context("config refused; the running configuration is unchanged")?;
     let resolver = StaticResolver::new(&objs.static_services);
     let out = build(&objs, &resolver);
     log_status(&out.status);
@@ -140,7 +156,7 @@ async fn load_and_apply(args: &Args, gw: &Gateway) -> anyhow::Result<()> {
         std::fs::rename(&tmp, f).with_context(|| format!("writing --status-file {}", f.display()))?;
     }
     gw.apply(out.table).await.context("new configuration not applied")?;
-    tracing::info!(config = %args.config.display(), "configuration applied");
+    tracing::info!(config = %config.display(), "configuration applied");
     Ok(())
 }
 
@@ -150,7 +166,8 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     if args.check {
-        let objs = ObjectSet::load_path(&args.config).context("config refused")?;
+        let config = args.config.as_ref().context("--check needs --config")?;
+        let objs = ObjectSet::load_path(config).context("config refused")?;
         let out = build(&objs, &StaticResolver::new(&objs.static_services));
         println!("{}", serde_json::to_string_pretty(&status_json(&out.status))?);
         return Ok(());
@@ -181,7 +198,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lb_policy,
         ..Default::default()
     });
-    load_and_apply(&args, &gw).await?;
+    if let Some(url) = &args.store {
+        let store = fjord_store::open(url).await.with_context(|| format!("opening --store {url}"))?;
+        let address = args.status_address.unwrap_or(args.listen_address);
+        tokio::spawn(fjord_gateway::controller::Controller::new(store, gw.clone(), address).run());
+        tracing::info!(store = %url, %address, "store mode: serving Gateway API objects from the store");
+    } else {
+        load_and_apply(&args, &gw).await?;
+    }
     if let Some(addr) = args.metrics_addr {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --metrics-addr {addr}"))?;
         tracing::info!(%addr, "metrics at /metrics");
@@ -190,14 +214,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut last = fingerprint(&args.config);
+    let config = args.config.clone();
+    let mut last = config.as_deref().and_then(fingerprint);
     let poll = Duration::from_millis(if args.poll_ms == 0 { 3_600_000 } else { args.poll_ms });
     let metrics: Arc<_> = gw.metrics();
     loop {
         let reload = tokio::select! {
-            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); true }
-            _ = tokio::time::sleep(poll), if args.poll_ms > 0 => {
-                let fp = fingerprint(&args.config);
+            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); config.is_some() }
+            _ = tokio::time::sleep(poll), if args.poll_ms > 0 && config.is_some() => {
+                let fp = config.as_deref().and_then(fingerprint);
                 if fp.is_some() && fp != last { last = fp; tracing::info!("config changed: reloading"); true } else { false }
             }
             _ = term.recv() => break,

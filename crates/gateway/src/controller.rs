@@ -1,0 +1,643 @@
+//! Store mode: the gateway fed from fjord's store (used by `fjord-agent --gateway` and
+//! `fjord-gateway --store`).
+//!
+//! [`Controller::run`] lists GatewayClasses, Gateways, HTTPRoutes, ReferenceGrants, TLS Secrets,
+//! Services and EndpointSlices, builds the routing table ([`crate::table::build`], pure) with a
+//! [`StoreResolver`] (Service port → the ready endpoints of its EndpointSlices, on the slice port
+//! named like the Service port, i.e. the targetPort), swaps it into the running
+//! [`Gateway`], and writes the status of every GatewayClass, Gateway and HTTPRoute it owns to
+//! `/fjord/v1/status/...`. Then it watches the store from the listed revision and does the same
+//! on every relevant change (bursts coalesced); nothing is polled. A listener port that cannot
+//! be bound is left out (`Accepted=False/PortUnavailable`) while everything else is served; it is
+//! retried every few seconds and on every change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use fjord_model::keys;
+use fjord_model::objects::{EndpointSlice, Protocol, Service};
+use fjord_store::{Op, Store, Txn};
+
+use crate::api::*;
+use crate::config::ObjectSet;
+use crate::manifest::decode_stored;
+use crate::proxy::{ApplyError, Gateway};
+use crate::resolver::{AppProtocol, BackendResolver, ResolveError, ResolvedBackend};
+use crate::table::{build, StatusReport};
+
+/// Services and their EndpointSlices from a store snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct StoreResolver {
+    services: HashMap<(String, String), Service>,
+    slices: HashMap<(String, String), Vec<EndpointSlice>>,
+}
+
+impl StoreResolver {
+    pub fn new(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Self {
+        let mut r = StoreResolver::default();
+        for s in services {
+            r.services.insert((s.metadata.namespace.clone(), s.metadata.name.clone()), s);
+        }
+        for e in slices {
+            if let Some(svc) = e.service_name() {
+                r.slices.entry((e.metadata.namespace.clone(), svc.to_string())).or_default().push(e);
+            }
+        }
+        r
+    }
+}
+
+impl BackendResolver for StoreResolver {
+    fn resolve(&self, namespace: &str, name: &str, port: u16) -> Result<ResolvedBackend, ResolveError> {
+        let key = (namespace.to_string(), name.to_string());
+        let Some(svc) = self.services.get(&key) else {
+            return Err(ResolveError::ServiceNotFound { namespace: namespace.into(), name: name.into() });
+        };
+        let Some(sp) = svc.spec.ports.iter().find(|p| p.port == port) else {
+            return Err(ResolveError::PortNotFound {
+                namespace: namespace.into(),
+                name: name.into(),
+                port,
+                available: svc.spec.ports.iter().map(|p| p.port).collect(),
+            });
+        };
+        let unsupported = |message: String| ResolveError::Unsupported { namespace: namespace.into(), name: name.into(), port, message };
+        if sp.protocol != Protocol::TCP {
+            return Err(unsupported(format!("protocol {} is not HTTP-capable; use a TCP port", sp.protocol)));
+        }
+        let protocol = AppProtocol::from_app_protocol(sp.app_protocol.as_deref()).map_err(unsupported)?;
+        let mut endpoints: Vec<SocketAddr> = Vec::new();
+        for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
+            // The slice's port named like the Service port is the targetPort on the pods.
+            let Some(target) = slice.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol).and_then(|p| p.port) else {
+                continue;
+            };
+            for e in slice.endpoints.iter().filter(|e| e.is_ready()) {
+                for ip in &e.addresses {
+                    endpoints.push(SocketAddr::new(IpAddr::V4(*ip), target));
+                }
+            }
+        }
+        endpoints.sort();
+        endpoints.dedup();
+        Ok(ResolvedBackend { endpoints, protocol })
+    }
+}
+
+/// Everything the gateway reads from the store, at (about) one revision.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub objects: ObjectSet,
+    pub resolver: StoreResolver,
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(kvs: &[fjord_store::KeyValue], what: &str, out: &mut Vec<T>) {
+    for kv in kvs {
+        match decode_stored::<T>(&kv.value) {
+            Ok(o) => out.push(o),
+            Err(e) => tracing::warn!(key = kv.key, kind = what, error = %e, "skipping a stored object that does not decode"),
+        }
+    }
+}
+
+impl Snapshot {
+    pub async fn load(store: &dyn Store) -> anyhow::Result<Snapshot> {
+        let mut objs = ObjectSet::default();
+        let list = |r: &'static str| async move { store.list(&keys::resource_prefix(r)).await.with_context(|| format!("listing {r}")) };
+        decode_all(&list("gatewayclasses").await?.kvs, "GatewayClass", &mut objs.gateway_classes);
+        decode_all(&list("gateways").await?.kvs, "Gateway", &mut objs.gateways);
+        decode_all(&list("httproutes").await?.kvs, "HTTPRoute", &mut objs.http_routes);
+        decode_all(&list("referencegrants").await?.kvs, "ReferenceGrant", &mut objs.reference_grants);
+        decode_all(&list("secrets").await?.kvs, "Secret", &mut objs.secrets);
+        let mut services: Vec<Service> = Vec::new();
+        for kv in store.list(&keys::services_prefix()).await.context("listing services")?.kvs {
+            match serde_json::from_slice(&kv.value) {
+                Ok(s) => services.push(s),
+                Err(e) => tracing::warn!(key = kv.key, error = %e, "skipping a stored Service that does not decode"),
+            }
+        }
+        let mut slices: Vec<EndpointSlice> = Vec::new();
+        for kv in store.list(&keys::endpointslices_prefix()).await.context("listing endpointslices")?.kvs {
+            match serde_json::from_slice(&kv.value) {
+                Ok(s) => slices.push(s),
+                Err(e) => tracing::warn!(key = kv.key, error = %e, "skipping a stored EndpointSlice that does not decode"),
+            }
+        }
+        Ok(Snapshot { objects: objs, resolver: StoreResolver::new(services, slices) })
+    }
+}
+
+/// Is a changed key one the gateway depends on?
+pub fn relevant_key(k: &str) -> bool {
+    keys::EXTENSION_RESOURCES.iter().any(|r| k.starts_with(&keys::resource_prefix(r)))
+        || k.starts_with(&keys::services_prefix())
+        || k.starts_with(&keys::endpointslices_prefix())
+}
+
+/// What one sync did (for logs, metrics and tests).
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    pub revision: i64,
+    pub duration: Duration,
+    /// Listener ports that could not be bound: port → error.
+    pub unavailable_ports: BTreeMap<u16, String>,
+    pub status_writes: usize,
+}
+
+pub struct Controller {
+    store: Arc<dyn Store>,
+    gw: Gateway,
+    /// The address written to `Gateway.status.addresses`.
+    address: IpAddr,
+    /// Revision of the last completed sync (for `synced_revision`).
+    synced: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn Store>, gw: Gateway, address: IpAddr) -> Self {
+        Controller { store, gw, address, synced: Default::default() }
+    }
+
+    /// The store revision the running table reflects (0 before the first sync).
+    pub fn synced_revision(&self) -> Arc<std::sync::atomic::AtomicI64> {
+        self.synced.clone()
+    }
+
+    /// One pass: snapshot → table → swap → status. Listener ports that cannot be bound are
+    /// left out of the table and reported.
+    pub async fn sync(&self) -> anyhow::Result<SyncReport> {
+        let t0 = Instant::now();
+        let revision = self.store.current_revision().await?;
+        let snap = Snapshot::load(self.store.as_ref()).await?;
+        let mut unavailable: BTreeMap<u16, String> = BTreeMap::new();
+        let status = loop {
+            let mut out = build(&snap.objects, &snap.resolver);
+            out.table.ports.retain(|p, _| !unavailable.contains_key(p));
+            match self.gw.apply(out.table).await {
+                Ok(()) => break out.status,
+                Err(ApplyError::Bind { port, source, addr }) => {
+                    tracing::warn!(port, %addr, error = %source, "Gateway listener port cannot be bound; serving the other listeners");
+                    unavailable.insert(port, format!("cannot listen on {addr}: {source}"));
+                }
+            }
+        };
+        let status = mark_unavailable(status, &snap.objects, &unavailable);
+        let status_writes = self.write_status(&status).await?;
+        self.synced.store(revision, std::sync::atomic::Ordering::Relaxed);
+        let report = SyncReport { revision, duration: t0.elapsed(), unavailable_ports: unavailable, status_writes };
+        tracing::info!(
+            revision,
+            ms = report.duration.as_secs_f64() * 1000.0,
+            gateways = snap.objects.gateways.len(),
+            routes = snap.objects.http_routes.len(),
+            status_writes,
+            "gateway table synced from the store"
+        );
+        Ok(report)
+    }
+
+    /// Write changed status records and remove those of objects that are gone, in one
+    /// transaction. `lastTransitionTime` is kept while a condition's status does not change.
+    async fn write_status(&self, st: &StatusReport) -> anyhow::Result<usize> {
+        let now = fjord_model::objects::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        let mut want: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for (name, s) in &st.gateway_classes {
+            want.insert(keys::status("gatewayclasses", "", name), serde_json::to_value(s)?);
+        }
+        for (key, s) in &st.gateways {
+            let (ns, name) = key.split_once('/').unwrap_or(("default", key));
+            let mut v = serde_json::to_value(s)?;
+            v["addresses"] = serde_json::json!([{ "type": "IPAddress", "value": self.address.to_string() }]);
+            want.insert(keys::status("gateways", ns, name), v);
+        }
+        for (key, s) in &st.http_routes {
+            let (ns, name) = key.split_once('/').unwrap_or(("default", key));
+            want.insert(keys::status("httproutes", ns, name), serde_json::to_value(s)?);
+        }
+        let mut have: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for r in ["gatewayclasses", "gateways", "httproutes"] {
+            for kv in self.store.list(&keys::status_prefix(r)).await?.kvs {
+                have.insert(kv.key.clone(), serde_json::from_slice(&kv.value).unwrap_or(serde_json::Value::Null));
+            }
+        }
+        let mut ops = Vec::new();
+        for (k, mut v) in want {
+            stamp_transitions(&mut v, have.get(&k), &now);
+            if have.get(&k) != Some(&v) {
+                ops.push(Op::put(k, serde_json::to_vec(&v)?));
+            }
+        }
+        for k in have.keys() {
+            let still = st.gateway_classes.keys().map(|n| keys::status("gatewayclasses", "", n)).any(|x| x == *k)
+                || st.gateways.keys().chain(st.http_routes.keys()).any(|key| {
+                    let (ns, name) = key.split_once('/').unwrap_or(("default", key));
+                    *k == keys::status("gateways", ns, name) || *k == keys::status("httproutes", ns, name)
+                });
+            if !still {
+                ops.push(Op::delete(k.clone()));
+            }
+        }
+        let n = ops.len();
+        if n > 0 {
+            self.store.txn(Txn::when(vec![]).and_then(ops)).await.context("writing Gateway API status")?;
+        }
+        Ok(n)
+    }
+
+    /// Sync, then watch and sync on every relevant change, forever. Store errors (etcd away,
+    /// compaction) are retried with backoff after a fresh list; the running table keeps serving.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let r: anyhow::Result<()> = async {
+                let rev = self.store.current_revision().await?;
+                let mut report = self.sync().await?;
+                let mut w = self.store.watch(keys::PREFIX, rev + 1).await?;
+                backoff = Duration::from_millis(100);
+                loop {
+                    // Ports that could not be bound are retried now and then; everything else
+                    // waits for a change.
+                    let retry = if report.unavailable_ports.is_empty() { Duration::from_secs(3600) } else { Duration::from_secs(3) };
+                    let ev = match tokio::time::timeout(retry, w.recv()).await {
+                        Err(_) => None,
+                        Ok(ev) => Some(ev.ok_or_else(|| anyhow::anyhow!("watch ended"))??),
+                    };
+                    if let Some(ev) = ev {
+                        if !relevant_key(&ev.kv.key) {
+                            continue;
+                        }
+                        // Coalesce a burst (one apply is one transaction, but slices and
+                        // services may follow each other closely).
+                        while let Ok(Some(more)) = tokio::time::timeout(Duration::from_millis(2), w.recv()).await {
+                            more?;
+                        }
+                    }
+                    report = self.sync().await?;
+                }
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "gateway store sync interrupted; the running table keeps serving");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Keep `lastTransitionTime` of conditions whose status did not change since `prev`; stamp
+/// `now` on the others. Works on any status JSON (conditions at any depth, matched by path).
+fn stamp_transitions(v: &mut serde_json::Value, prev: Option<&serde_json::Value>, now: &str) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, child) in m.iter_mut() {
+                let p = prev.and_then(|p| p.get(k));
+                if k == "conditions" {
+                    if let Some(conds) = child.as_array_mut() {
+                        for c in conds {
+                            let t = c["type"].clone();
+                            let old = p.and_then(|p| p.as_array()).and_then(|a| a.iter().find(|o| o["type"] == t));
+                            let ts = match old {
+                                Some(o) if o["status"] == c["status"] => o["lastTransitionTime"].as_str().unwrap_or(now).to_string(),
+                                _ => now.to_string(),
+                            };
+                            c["lastTransitionTime"] = ts.into();
+                        }
+                    }
+                } else {
+                    stamp_transitions(child, p, now);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, child) in a.iter_mut().enumerate() {
+                stamp_transitions(child, prev.and_then(|p| p.get(i)), now);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Listeners on ports that could not be bound: `Accepted=False/PortUnavailable`,
+/// `Programmed=False`; the Gateway's own conditions follow.
+fn mark_unavailable(mut st: StatusReport, objs: &ObjectSet, unavailable: &BTreeMap<u16, String>) -> StatusReport {
+    if unavailable.is_empty() {
+        return st;
+    }
+    for g in &objs.gateways {
+        let Some(gs) = st.gateways.get_mut(&g.metadata.key()) else { continue };
+        let gen = g.metadata.generation;
+        let mut changed = false;
+        for ls in gs.listeners.iter_mut() {
+            let Some(l) = g.spec.listeners.iter().find(|l| l.name == ls.name) else { continue };
+            let Some(err) = unavailable.get(&l.port) else { continue };
+            let programmed = find_condition(&ls.conditions, "Programmed").is_some_and(|c| c.is_true());
+            if !programmed {
+                continue;
+            }
+            changed = true;
+            for c in ls.conditions.iter_mut() {
+                match c.type_.as_str() {
+                    "Accepted" => *c = Condition::new("Accepted", false, "PortUnavailable", format!("listener port {}: {err}", l.port), gen),
+                    "Programmed" => *c = Condition::new("Programmed", false, "Invalid", format!("listener port {} is unavailable", l.port), gen),
+                    _ => {}
+                }
+            }
+        }
+        if changed {
+            let total = gs.listeners.len();
+            let ok = gs.listeners.iter().filter(|l| find_condition(&l.conditions, "Programmed").is_some_and(|c| c.is_true())).count();
+            gs.conditions = vec![
+                Condition::new(
+                    "Accepted",
+                    ok > 0,
+                    "ListenersNotValid",
+                    format!("{} of {total} listeners are not valid", total - ok),
+                    gen,
+                ),
+                if ok > 0 {
+                    Condition::new("Programmed", true, "Programmed", "serving", gen)
+                } else {
+                    Condition::new("Programmed", false, "AddressNotUsable", "no listener port could be bound", gen)
+                },
+            ];
+        }
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fjord_model::objects::{parse_manifests_with, Object, ValidationContext};
+
+    fn store_objects(text: &str) -> (ObjectSet, StoreResolver) {
+        let objs = parse_manifests_with(text, &ValidationContext::default(), Some(&crate::manifest::GatewayKinds)).unwrap();
+        let (mut set, mut svcs, mut slices) = (ObjectSet::default(), vec![], vec![]);
+        for o in objs {
+            match o {
+                Object::Service(s) => svcs.push(s),
+                Object::EndpointSlice(e) => slices.push(e),
+                Object::Extension(x) => {
+                    let b = serde_json::to_vec(&x.value).unwrap();
+                    match x.kind.as_str() {
+                        "GatewayClass" => set.gateway_classes.push(decode_stored(&b).unwrap()),
+                        "Gateway" => set.gateways.push(decode_stored(&b).unwrap()),
+                        "HTTPRoute" => set.http_routes.push(decode_stored(&b).unwrap()),
+                        "ReferenceGrant" => set.reference_grants.push(decode_stored(&b).unwrap()),
+                        _ => set.secrets.push(decode_stored(&b).unwrap()),
+                    }
+                }
+            }
+        }
+        (set, StoreResolver::new(svcs, slices))
+    }
+
+    const SVC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 8080, targetPort: http}
+  - {name: grpc, port: 9090, appProtocol: kubernetes.io/h2c}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-fjord-node1
+  namespace: app
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 18080}
+- {name: grpc, port: 19090}
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {ready: true}
+- addresses: [10.244.1.6]
+  conditions: {ready: false}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-fjord-node2
+  namespace: app
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 18080}
+endpoints:
+- addresses: [10.244.2.5]
+"#;
+
+    #[test]
+    fn store_resolver_maps_service_port_to_ready_endpoints_on_the_target_port() {
+        let (_, r) = store_objects(SVC);
+        let b = r.resolve("app", "web", 8080).unwrap();
+        assert_eq!(b.endpoints, vec!["10.244.1.5:18080".parse().unwrap(), "10.244.2.5:18080".parse().unwrap()]);
+        assert_eq!(b.protocol, AppProtocol::Http1);
+        let g = r.resolve("app", "web", 9090).unwrap();
+        assert_eq!(g.protocol, AppProtocol::H2c);
+        assert_eq!(g.endpoints, vec!["10.244.1.5:19090".parse().unwrap()]);
+        assert!(matches!(r.resolve("app", "web", 53), Err(ResolveError::Unsupported { .. })));
+        assert!(matches!(r.resolve("app", "web", 1), Err(ResolveError::PortNotFound { .. })));
+        assert!(matches!(r.resolve("app", "nope", 8080), Err(ResolveError::ServiceNotFound { .. })));
+        assert!(matches!(r.resolve("other", "web", 8080), Err(ResolveError::ServiceNotFound { .. })));
+    }
+
+    const GW: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: fjord}
+spec: {controllerName: fjord.dev/gateway}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: app}
+spec:
+  gatewayClassName: fjord
+  listeners:
+  - {name: a, port: 18001, protocol: HTTP}
+  - {name: b, port: 18002, protocol: HTTP}
+"#;
+
+    #[test]
+    fn cross_namespace_ref_without_grant_is_ref_not_permitted_and_with_grant_resolves() {
+        let route = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: other}
+spec:
+  parentRefs: [{name: gw, namespace: app}]
+  rules:
+  - backendRefs: [{name: web, namespace: app, port: 8080}]
+"#;
+        let gw = GW.replace("protocol: HTTP}", "protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}");
+        let (objs, r) = store_objects(&format!("{SVC}---\n{gw}{route}"));
+        let out = build(&objs, &r);
+        let c = &out.status.http_routes["other/r"].parents[0].conditions;
+        let rr = find_condition(c, "ResolvedRefs").unwrap();
+        assert_eq!((rr.status.as_str(), rr.reason.as_str()), ("False", "RefNotPermitted"), "{c:?}");
+        let grant = "---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: g, namespace: app}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: other}]\n  to: [{group: \"\", kind: Service}]\n";
+        let (objs, r) = store_objects(&format!("{SVC}---\n{gw}{route}{grant}"));
+        let out = build(&objs, &r);
+        let c = &out.status.http_routes["other/r"].parents[0].conditions;
+        assert!(find_condition(c, "ResolvedRefs").unwrap().is_true(), "{c:?}");
+    }
+
+    #[test]
+    fn unavailable_port_marks_only_its_listener() {
+        let (objs, r) = store_objects(GW);
+        let out = build(&objs, &r);
+        let st = mark_unavailable(out.status, &objs, &[(18002u16, "in use".to_string())].into());
+        let g = &st.gateways["app/gw"];
+        let a = find_condition(&g.listeners[0].conditions, "Accepted").unwrap();
+        let b = find_condition(&g.listeners[1].conditions, "Accepted").unwrap();
+        assert!(a.is_true());
+        assert_eq!((b.status.as_str(), b.reason.as_str()), ("False", "PortUnavailable"));
+        assert!(!find_condition(&g.listeners[1].conditions, "Programmed").unwrap().is_true());
+        assert!(find_condition(&g.conditions, "Programmed").unwrap().is_true(), "listener a still serves");
+        assert_eq!(find_condition(&g.conditions, "Accepted").unwrap().reason, "ListenersNotValid");
+    }
+
+    #[test]
+    fn transition_times_are_kept_while_status_is_unchanged() {
+        let mut v = serde_json::json!({"conditions": [{"type": "Accepted", "status": "True"}], "listeners": [{"conditions": [{"type": "Programmed", "status": "True"}]}]});
+        stamp_transitions(&mut v, None, "T1");
+        assert_eq!(v["listeners"][0]["conditions"][0]["lastTransitionTime"], "T1");
+        let prev = v.clone();
+        let mut w = serde_json::json!({"conditions": [{"type": "Accepted", "status": "False"}], "listeners": [{"conditions": [{"type": "Programmed", "status": "True"}]}]});
+        stamp_transitions(&mut w, Some(&prev), "T2");
+        assert_eq!(w["conditions"][0]["lastTransitionTime"], "T2");
+        assert_eq!(w["listeners"][0]["conditions"][0]["lastTransitionTime"], "T1");
+    }
+
+    #[test]
+    fn relevant_keys() {
+        assert!(relevant_key("/fjord/v1/httproutes/a/b"));
+        assert!(relevant_key("/fjord/v1/endpointslices/a/b"));
+        assert!(!relevant_key("/fjord/v1/status/httproutes/a/b"));
+        assert!(!relevant_key("/fjord/v1/pods/a/b"));
+    }
+
+    /// The whole loop on a real (embedded) store and real sockets on loopback: apply through the
+    /// store, requests reach an echo backend, a route change is served after the watch fires,
+    /// status lands in the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn store_fed_gateway_serves_updates_and_writes_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fjord_store::open(&format!("embedded:{}", dir.path().join("s.redb").display())).await.unwrap();
+        // echo backends on loopback
+        let mut ports = vec![];
+        for name in ["one", "two"] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            ports.push(l.local_addr().unwrap().port());
+            tokio::spawn(crate::echo::serve_echo(l, crate::echo::EchoOptions { pod: name.to_string(), namespace: "app".to_string() }, std::future::pending::<()>()));
+        }
+        let gw_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let svc = |name: &str, port: u16| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: app, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n"
+            )
+        };
+        let route = |backend: &str| {
+            format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: app}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules:\n  - backendRefs: [{{name: {backend}, port: 80}}]\n")
+        };
+        let put_all = |text: String| {
+            let store = store.clone();
+            async move {
+                let objs = parse_manifests_with(&text, &ValidationContext::default(), Some(&crate::manifest::GatewayKinds)).unwrap();
+                let mut ops = vec![];
+                for o in objs {
+                    let (k, v) = match &o {
+                        Object::Service(s) => (keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(s).unwrap()),
+                        Object::EndpointSlice(e) => (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(e).unwrap()),
+                        Object::Extension(x) => {
+                            let mut x = x.clone();
+                            let prev = store.get(&keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name)).await.unwrap();
+                            let prev: Option<serde_json::Value> = prev.map(|kv| serde_json::from_slice(&kv.value).unwrap());
+                            x.carry_over(prev.as_ref(), "2025-01-01T00:00:00Z");
+                            (keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name), serde_json::to_vec(&x.value).unwrap())
+                        }
+                    };
+                    ops.push(Op::put(k, v));
+                }
+                store.txn(Txn::when(vec![]).and_then(ops)).await.unwrap();
+            }
+        };
+        let gw_yaml = GW.replace("18001", &gw_port.to_string()).replace("  - {name: b, port: 18002, protocol: HTTP}\n", "");
+        put_all(format!("{}---\n{}---\n{gw_yaml}---\n{}", svc("one", ports[0]), svc("two", ports[1]), route("one"))).await;
+
+        let gw = Gateway::new(crate::proxy::GatewayOptions { listen_ip: "127.0.0.1".parse().unwrap(), access_log: false, ..Default::default() });
+        let ctl = Controller::new(store.clone(), gw.clone(), "127.0.0.1".parse().unwrap());
+        let synced = ctl.synced_revision();
+        tokio::spawn(ctl.run());
+
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let who = |client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>>| async move {
+            let uri: http::Uri = format!("http://127.0.0.1:{gw_port}/x").parse().unwrap();
+            let r = client.get(uri).await.ok()?;
+            let body = http_body_util::BodyExt::collect(r.into_body()).await.ok()?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            v["pod"].as_str().map(str::to_string)
+        };
+        let t0 = Instant::now();
+        let mut first = None;
+        while t0.elapsed() < Duration::from_secs(20) {
+            first = who(client.clone()).await;
+            if first.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(first.as_deref(), Some("one"));
+        assert!(synced.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+        // route change through the store
+        let t1 = Instant::now();
+        put_all(route("two")).await;
+        let mut seen = None;
+        while t1.elapsed() < Duration::from_secs(20) {
+            if who(client.clone()).await.as_deref() == Some("two") {
+                seen = Some(t1.elapsed());
+                break;
+            }
+        }
+        let seen = seen.expect("route change becomes visible");
+        println!("store write -> route change served: {:.1} ms", seen.as_secs_f64() * 1000.0);
+
+        // status in the store
+        let mut st = None;
+        let t2 = Instant::now();
+        while t2.elapsed() < Duration::from_secs(10) {
+            if let Some(kv) = store.get(&keys::status("httproutes", "app", "r")).await.unwrap() {
+                let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+                if v["parents"][0]["conditions"][0]["observedGeneration"] == 2 {
+                    st = Some(v);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let st = st.expect("route status with observedGeneration 2");
+        assert_eq!(st["parents"][0]["conditions"][0]["type"], "Accepted");
+        assert_eq!(st["parents"][0]["conditions"][0]["status"], "True");
+        assert!(st["parents"][0]["conditions"][0]["lastTransitionTime"].is_string());
+        let g: serde_json::Value = serde_json::from_slice(&store.get(&keys::status("gateways", "app", "gw")).await.unwrap().unwrap().value).unwrap();
+        assert_eq!(g["addresses"][0]["value"], "127.0.0.1");
+        gw.shutdown(Duration::from_secs(1)).await;
+    }
+}

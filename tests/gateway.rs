@@ -1,0 +1,419 @@
+//! Gateway API end to end on a dev cluster: `fjordctl apply` of GatewayClass/Gateway/HTTPRoute
+//! + Services → the agent's store → the gateway on node1 (agent `--gateway`) → echo backends
+//! (`fjord-echo`) in pod namespaces, with requests from the cluster's external namespace to the
+//! node's underlay address. Real processes, real store, real HTTP.
+use fjord_e2e::*;
+use fjord_net::netns;
+use fjordctl::pod;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const GW_PORT: u16 = 8080;
+
+const SEED: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: fjord}
+spec: {controllerName: fjord.dev/gateway}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: external-gateway, namespace: backend}
+spec:
+  gatewayClassName: fjord
+  listeners:
+  - {name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: production-traffic-split
+  namespace: backend
+spec:
+  parentRefs:
+  - name: external-gateway
+  rules:
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /api/v2
+    backendRefs:
+    - name: backend-v1
+      port: 8080
+      weight: 90
+    - name: backend-v2
+      port: 8080
+      weight: 10
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend-v1, namespace: backend}
+spec:
+  selector: {app: backend, version: v1}
+  ports: [{name: http, port: 8080, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend-v2, namespace: backend}
+spec:
+  selector: {app: backend, version: v2}
+  ports: [{name: http, port: 8080, targetPort: 9000}]
+"#;
+
+/// Child processes (echo backends) killed on drop, also when the test panics. Declared after
+/// the cluster, so they go before it.
+#[derive(Default)]
+struct Procs(Vec<std::process::Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Start `fjord-echo` inside a pod's network namespace on port 9000.
+fn echo_in(procs: &mut Procs, p: &pod::PodInfo) {
+    let mut cmd = std::process::Command::new(bin_dir().join("fjord-echo"));
+    cmd.args(["--listen", "0.0.0.0:9000", "--pod", &p.name, "--namespace", &p.namespace])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    netns::command_in(&mut cmd, &pod_netns(p)).unwrap();
+    procs.0.push(cmd.spawn().expect("start fjord-echo (cargo build --workspace --bins)"));
+}
+
+/// fjordctl (the binary) against the test cluster: (exit code, stdout, stderr).
+fn fjordctl(c: &TestCluster, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin_dir().join("fjordctl"))
+        .env("FJORD_HOME", &c.home.dir)
+        .arg("--cluster")
+        .arg(&c.state.name)
+        .args(args)
+        .output()
+        .expect("run fjordctl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// `fjordctl apply -f` of a manifest text.
+fn apply(c: &TestCluster, text: &str) -> (i32, String, String) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    fjordctl(c, &["apply", "-f", &f.path().display().to_string()])
+}
+
+/// A keep-alive HTTP/1.1 client connection opened from namespace `ns`.
+struct Conn {
+    tx: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+impl Conn {
+    async fn open(ns: &Path, addr: SocketAddr) -> std::io::Result<Conn> {
+        let s = tcp_connect_in(ns, addr)?;
+        s.set_nonblocking(true)?;
+        let s = tokio::net::TcpStream::from_std(s)?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await.map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Conn { tx })
+    }
+
+    /// GET `path`: status and the echo's pod name (None if the answer is not from an echo).
+    async fn get(&mut self, path: &str) -> anyhow::Result<(u16, Option<String>)> {
+        let req = hyper::Request::get(path).header("host", "gw.example").body(Empty::new())?;
+        self.tx.ready().await?;
+        let r = self.tx.send_request(req).await?;
+        let status = r.status().as_u16();
+        let body = r.into_body().collect().await?.to_bytes();
+        let pod = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["pod"].as_str().map(str::to_string));
+        Ok((status, pod))
+    }
+}
+
+struct Setup {
+    c: TestCluster,
+    ext: PathBuf,
+    gw: SocketAddr,
+    procs: Procs,
+}
+
+/// A cluster with pods backend/v1a (app=backend,version=v1) and backend/v2a (v2), each running
+/// fjord-echo on :9000, and the seed applied with fjordctl; waits until /api/v2 is served.
+async fn setup() -> Setup {
+    let c = TestCluster::up().await;
+    let mut procs = Procs::default();
+    for (name, v) in [("v1a", "v1"), ("v2a", "v2")] {
+        let labels: BTreeMap<String, String> = [("app".to_string(), "backend".to_string()), ("version".to_string(), v.to_string())].into();
+        let p = pod::add(&c.state, None, &format!("backend/{name}"), labels).await.unwrap();
+        echo_in(&mut procs, &p);
+    }
+    let (code, out, err) = apply(&c, SEED);
+    assert_eq!(code, 0, "apply: {out}{err}");
+    assert!(out.contains("httproute/backend/production-traffic-split configured"), "{out}");
+    let ext = netns::path(&c.state.ext_netns);
+    let gw = SocketAddr::new(c.node().address.into(), GW_PORT);
+    // The gateway listens on the node's underlay address; both endpoints become ready.
+    let ok = eventually(Duration::from_secs(30), || {
+        let ext = ext.clone();
+        async move {
+            let mut conn = Conn::open(&ext, gw).await.ok()?;
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..40 {
+                let (st, p) = conn.get("/api/v2/ready").await.ok()?;
+                if st == 200 {
+                    seen.insert(p?);
+                }
+            }
+            (seen.len() == 2).then_some(())
+        }
+    })
+    .await;
+    assert!(ok.is_some(), "gateway at {gw} never served both backends; agent log:\n{}", agent_log(&c));
+    Setup { c, ext, gw, procs }
+}
+
+fn agent_log(c: &TestCluster) -> String {
+    let log = std::fs::read_to_string(c.node().dir.join("agent.log")).unwrap_or_default();
+    log.lines().filter(|l| !l.contains("fjord_gateway::access")).rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// `fjordctl get httproutes NAME -n NS -o json` → the route's first parent's conditions by type.
+fn route_conditions(c: &TestCluster, ns: &str, name: &str) -> BTreeMap<String, serde_json::Value> {
+    let (code, out, err) = fjordctl(c, &["get", "httproutes", name, "-n", ns, "-o", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["status"]["parents"][0]["conditions"]
+        .as_array()
+        .map(|a| a.iter().map(|c| (c["type"].as_str().unwrap_or("").to_string(), c.clone())).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_route_split_404_route_change_status_and_bad_input() {
+    let Setup { c, ext, gw, procs: _procs } = setup().await;
+
+    // --- the seed: 90/10 over 10,000 requests from the external namespace, 404 elsewhere
+    let mut conn = Conn::open(&ext, gw).await.unwrap();
+    let n = 10_000;
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let t0 = Instant::now();
+    for i in 0..n {
+        let (st, p) = conn.get(&format!("/api/v2/items/{i}")).await.unwrap();
+        assert_eq!(st, 200, "request {i}");
+        *counts.entry(p.unwrap_or_default()).or_default() += 1;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let v1 = *counts.get("v1a").unwrap_or(&0) as f64 * 100.0 / n as f64;
+    let v2 = *counts.get("v2a").unwrap_or(&0) as f64 * 100.0 / n as f64;
+    println!("split over {n} requests from ext: v1 {v1:.2}% v2 {v2:.2}% ({:.0} req/s on one keep-alive connection)", n as f64 / secs);
+    assert!((v1 - 90.0).abs() <= 1.5 && (v2 - 10.0).abs() <= 1.5, "{counts:?}");
+    for path in ["/", "/api", "/api/v2x", "/api/v1/items"] {
+        assert_eq!(conn.get(path).await.unwrap().0, 404, "{path}");
+    }
+    // curl from the external namespace, as a user would (fjordctl cluster exec)
+    let url = format!("http://{gw}/api/v2/hello");
+    let (code, out, err) = fjordctl(&c, &["cluster", "exec", "--", "curl", "-s", "-m", "5", &url]);
+    assert_eq!(code, 0, "curl: {out}{err}");
+    assert!(out.contains("\"pod\":\"v1a\"") || out.contains("\"pod\":\"v2a\""), "{out}");
+
+    // --- status in the store, shown by fjordctl get (yaml includes status)
+    let yaml = eventually(Duration::from_secs(10), || async {
+        let (code, yaml, _) = fjordctl(&c, &["get", "httproutes", "production-traffic-split", "-n", "backend", "-o", "yaml"]);
+        (code == 0 && yaml.contains("observedGeneration: 1")).then_some(yaml)
+    })
+    .await
+    .expect("route status in `get httproutes -o yaml`");
+    for want in ["status:", "type: Accepted", "reason: Accepted", "type: ResolvedRefs", "reason: ResolvedRefs", "observedGeneration: 1", "controllerName: fjord.dev/gateway"] {
+        assert!(yaml.contains(want), "{want:?} missing in:\n{yaml}");
+    }
+    let (code, gws, _) = fjordctl(&c, &["get", "gateways", "-n", "backend", "-o", "yaml"]);
+    assert_eq!(code, 0);
+    assert!(gws.contains(&format!("value: {}", c.node().address)) && gws.contains("type: Programmed"), "{gws}");
+    let (_, wide, _) = fjordctl(&c, &["get", "gateways", "-n", "backend", "-o", "wide"]);
+    assert!(wide.contains("external-gateway") && wide.contains("http:8080/HTTP routes=1"), "{wide}");
+
+    // --- a route change through the store becomes visible (watch-driven); measure apply → served
+    let mut lat = vec![];
+    for round in 0..10 {
+        let (to, weights) = if round % 2 == 0 { ("v2a", ("0", "1")) } else { ("v1a", ("1", "0")) };
+        let text = SEED.replace("weight: 90", &format!("weight: {}", weights.0)).replace("weight: 10", &format!("weight: {}", weights.1));
+        let t = Instant::now();
+        c.client().apply(&text).await.unwrap();
+        let applied = t.elapsed();
+        let seen = eventually(Duration::from_secs(10), || {
+            let ext = ext.clone();
+            async move {
+                let mut conn = Conn::open(&ext, gw).await.ok()?;
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while Instant::now() < deadline {
+                    if conn.get("/api/v2/x").await.ok()?.1.as_deref() == Some(to) {
+                        return Some(t.elapsed());
+                    }
+                }
+                None
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("route change to {to} never became visible; agent log:\n{}", agent_log(&c)));
+        lat.push((applied.as_secs_f64() * 1000.0, seen.as_secs_f64() * 1000.0));
+    }
+    let mut vis: Vec<f64> = lat.iter().map(|l| l.1).collect();
+    vis.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut api: Vec<f64> = lat.iter().map(|l| l.0).collect();
+    api.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "route change apply -> served (10 changes): p50 {:.1} ms, max {:.1} ms (of which the apply API call: p50 {:.1} ms)",
+        percentile(&vis, 50.0),
+        vis[vis.len() - 1],
+        percentile(&api, 50.0)
+    );
+    // The status is written right after the table swap (so it may trail the served change).
+    let gen11 = eventually(Duration::from_secs(10), || async {
+        (route_conditions(&c, "backend", "production-traffic-split").get("Accepted")?["observedGeneration"] == 11).then_some(())
+    })
+    .await;
+    assert!(gen11.is_some(), "status never reached observedGeneration 11: {:?}", route_conditions(&c, "backend", "production-traffic-split"));
+
+    // --- bad input: refused as a whole, names document and field; nothing applied
+    let extra = "---\napiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: backend}\nspec:\n  ports: [{port: 80}]\n";
+    let bad_regex = format!("{}{extra}", SEED.replace("type: PathPrefix\n        value: /api/v2", "type: RegularExpression\n        value: /api/(v2"));
+    let (code, out, err) = apply(&c, &bad_regex);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("document 3") && err.contains("spec.rules[0].matches[0].path.value") && err.contains("invalid regular expression"), "{err}");
+    let bad_filter = format!("{}{extra}", SEED.replace("    backendRefs:\n    - name: backend-v1", "    filters:\n    - type: Teleport\n    backendRefs:\n    - name: backend-v1"));
+    let (code, _, err) = apply(&c, &bad_filter);
+    assert_ne!(code, 0);
+    assert!(err.contains("spec.rules[0].filters[0].type") && err.contains("unsupported filter type `Teleport`"), "{err}");
+    let (code, _, err) = fjordctl(&c, &["get", "svc", "extra", "-n", "backend"]);
+    assert_ne!(code, 0, "the Service of a refused file must not exist: {err}");
+    let conds = route_conditions(&c, "backend", "production-traffic-split");
+    assert_eq!(conds["Accepted"]["observedGeneration"], 11, "the route is unchanged: {conds:?}");
+    let (st, p) = Conn::open(&ext, gw).await.unwrap().get("/api/v2/x").await.unwrap();
+    assert_eq!((st, p.as_deref()), (200, Some("v1a")), "the last good route keeps serving");
+
+    // --- delete: the route goes away, its status too
+    let route_only = SEED.split("---").find(|d| d.contains("kind: HTTPRoute")).unwrap().to_string();
+    let (code, out, err) = {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &route_only).unwrap();
+        fjordctl(&c, &["delete", "-f", &f.path().display().to_string()])
+    };
+    assert_eq!(code, 0, "{out}{err}");
+    let gone = eventually(Duration::from_secs(10), || {
+        let ext = ext.clone();
+        async move { (Conn::open(&ext, gw).await.ok()?.get("/api/v2/x").await.ok()?.0 == 404).then_some(()) }
+    })
+    .await;
+    assert!(gone.is_some(), "deleted route still served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_namespace_ref_needs_grant_and_port_unavailable_leaves_others_serving() {
+    let Setup { c, ext, gw, procs: _procs } = setup().await;
+
+    // A route in another namespace pointing at backend/backend-v2 without a ReferenceGrant.
+    let cross = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: sneaky, namespace: other}
+spec:
+  parentRefs: [{name: external-gateway, namespace: backend}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /other}}]
+    backendRefs: [{name: backend-v2, namespace: backend, port: 8080}]
+"#;
+    let (code, out, err) = apply(&c, cross);
+    assert_eq!(code, 0, "{out}{err}");
+    let conds = eventually(Duration::from_secs(10), || async {
+        let conds = route_conditions(&c, "other", "sneaky");
+        (conds.get("ResolvedRefs")?["reason"] == "RefNotPermitted").then_some(conds)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no RefNotPermitted condition; {:?}", route_conditions(&c, "other", "sneaky")));
+    assert_eq!(conds["ResolvedRefs"]["status"], "False");
+    let msg = conds["ResolvedRefs"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("ReferenceGrant"), "{msg}");
+    let mut conn = Conn::open(&ext, gw).await.unwrap();
+    assert_eq!(conn.get("/other/x").await.unwrap().0, 500, "a backendRef that is not permitted answers 500");
+    // other routes are not disturbed
+    for _ in 0..20 {
+        assert_eq!(conn.get("/api/v2/x").await.unwrap().0, 200);
+    }
+    // with a ReferenceGrant in the target namespace the reference resolves
+    let grant = r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: allow-other, namespace: backend}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: other}]
+  to: [{group: "", kind: Service}]
+"#;
+    let (code, out, err) = apply(&c, grant);
+    assert_eq!(code, 0, "{out}{err}");
+    let ok = eventually(Duration::from_secs(10), || {
+        let ext = ext.clone();
+        async move {
+            let (st, p) = Conn::open(&ext, gw).await.ok()?.get("/other/x").await.ok()?;
+            (st == 200 && p.as_deref() == Some("v2a")).then_some(())
+        }
+    })
+    .await;
+    assert!(ok.is_some(), "granted reference never served");
+    let resolved = eventually(Duration::from_secs(10), || async {
+        (route_conditions(&c, "other", "sneaky").get("ResolvedRefs")?["status"] == "True").then_some(())
+    })
+    .await;
+    assert!(resolved.is_some(), "ResolvedRefs never True after the grant: {:?}", route_conditions(&c, "other", "sneaky"));
+
+    // PortUnavailable: something else holds 8090 on the node's address.
+    let node_addr = c.node().address;
+    let blocker = tcp_listen_in(&c.node_netns(), &format!("{node_addr}:8090"));
+    let two = SEED.replace(
+        "  - {name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}",
+        "  - {name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}\n  - {name: alt, port: 8090, protocol: HTTP}",
+    );
+    let (code, out, err) = apply(&c, &two);
+    assert_eq!(code, 0, "{out}{err}");
+    let listener = |yaml_json: &serde_json::Value, name: &str| -> Option<BTreeMap<String, serde_json::Value>> {
+        let ls = yaml_json[0]["status"]["listeners"].as_array()?;
+        let l = ls.iter().find(|l| l["name"] == name)?;
+        Some(l["conditions"].as_array()?.iter().map(|c| (c["type"].as_str().unwrap_or("").to_string(), c.clone())).collect())
+    };
+    let get_gw = || {
+        let (code, out, err) = fjordctl(&c, &["get", "gateways", "external-gateway", "-n", "backend", "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let alt = eventually(Duration::from_secs(10), || async {
+        let g = get_gw();
+        let alt = listener(&g, "alt")?;
+        (alt.get("Accepted")?["reason"] == "PortUnavailable").then_some(alt)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no PortUnavailable: {}", get_gw()));
+    assert_eq!(alt["Accepted"]["status"], "False");
+    assert_eq!(alt["Programmed"]["status"], "False");
+    let g = get_gw();
+    assert_eq!(listener(&g, "http").unwrap()["Programmed"]["status"], "True", "{g}");
+    assert_eq!(
+        g[0]["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Programmed").unwrap()["status"],
+        "True",
+        "the Gateway still serves its other listener"
+    );
+    for _ in 0..20 {
+        assert_eq!(conn.get("/api/v2/x").await.unwrap().0, 200, "port 8080 keeps serving");
+    }
+    // the port is freed: the listener is retried and comes up
+    drop(blocker);
+    let up = eventually(Duration::from_secs(20), || async {
+        let g = get_gw();
+        (listener(&g, "alt")?.get("Programmed")?["status"] == "True").then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "listener alt never programmed after the port was freed: {}", get_gw());
+    let (st, _) = Conn::open(&ext, SocketAddr::new(node_addr.into(), 8090)).await.unwrap().get("/api/v2/x").await.unwrap();
+    assert_eq!(st, 200);
+}
