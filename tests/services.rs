@@ -388,6 +388,22 @@ async fn hairpin_session_affinity_and_masquerade() {
     let (other, _) = who(&sns, sticky).unwrap();
     assert!(other.starts_with("sticky"), "{other}");
 
+    // Host-network processes of the node (its namespace and socket-LB cgroup) reach the
+    // ClusterIP through the socket-level LB; getpeername() shows the service address.
+    let node = c.node();
+    let cg = fjordctl::cluster::node_cgroup(&node.dir, &node.name).expect("cgroup v2");
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec python3 -c \"import socket; s=socket.create_connection(('{solo_vip}', 80), 5); print(s.recv(64).decode(), s.getpeername()[0])\"",
+        cg.display()
+    );
+    let (code, out) = run_in_ns(&c.node_netns(), &["sh", "-c", &script]);
+    assert_eq!(code, 0, "{out}");
+    let mut words = out.split_whitespace();
+    assert_eq!(words.next(), Some("solo"), "{out}");
+    assert_eq!(words.nth(1), Some(solo_vip.to_string().as_str()), "getpeername shows the VIP: {out}");
+    let m = c.client().metrics().await.unwrap();
+    assert!(metric(&m, "fjord_datapath_events{event=\"sock_lb\"") >= 1, "{m}");
+
     // Masquerade: a pod reaching "the internet" (the external namespace, outside the cluster
     // CIDR) arrives with the node's address; the reply finds its way back.
     let ext = netns::path(&c.state.ext_netns);

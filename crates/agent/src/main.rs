@@ -93,6 +93,11 @@ struct Args {
     /// Conntrack timeout of UDP flows without packets.
     #[arg(long, env = "FJORD_CT_TIMEOUT_UDP", default_value = "60s", value_parser = parse_duration)]
     ct_timeout_udp: Duration,
+    /// A cgroup v2 directory whose processes (the node's host-network processes) get the
+    /// socket-level LB: connect()/sendmsg() to a service go straight to a backend. Created if
+    /// missing; the cgroup2 root itself is refused.
+    #[arg(long, env = "FJORD_SOCKET_LB_CGROUP")]
+    socket_lb_cgroup: Option<PathBuf>,
     /// How often conntrack GC removes entries idle past their timeout.
     #[arg(long, env = "FJORD_CT_GC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     ct_gc_interval: Duration,
@@ -320,6 +325,7 @@ async fn run(args: Args) -> Result<()> {
             },
             args.masquerade,
         );
+        let socket_lb_cgroup = args.socket_lb_cgroup.clone();
         let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<fjord_datapath::Datapath> {
             let mut dp = fjord_datapath::Datapath::load(cfg)?;
             if let Some(net) = &node_net {
@@ -332,6 +338,10 @@ async fn run(args: Args) -> Result<()> {
             }
             for n in &names {
                 dp.attach(n).with_context(|| format!("re-attaching to {n}"))?;
+            }
+            if let Some(cg) = &socket_lb_cgroup {
+                prepare_socket_lb_cgroup(cg)?;
+                dp.attach_cgroup(cg).with_context(|| format!("attaching the socket LB to {}", cg.display()))?;
             }
             let pruned = dp.prune_stale_links()?;
             if !pruned.is_empty() {
@@ -439,4 +449,24 @@ async fn conntrack_gc(agent: Arc<agent::Agent>, dp: Arc<std::sync::Mutex<fjord_d
             Err(e) => warn!(error = %e, "conntrack GC task failed"),
         }
     }
+}
+
+/// Checks (and creates) the socket-LB cgroup: a cgroup v2 directory below the root, never the
+/// root itself (that would put every process of the machine behind fjord's socket LB).
+fn prepare_socket_lb_cgroup(cg: &std::path::Path) -> anyhow::Result<()> {
+    let is_cg2 = |p: &std::path::Path| {
+        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC).unwrap_or(false)
+    };
+    let parent = cg.parent().with_context(|| format!("--socket-lb-cgroup {}: not a cgroup directory", cg.display()))?;
+    if !is_cg2(parent) {
+        bail!("--socket-lb-cgroup {}: {} is not on a cgroup v2 filesystem", cg.display(), parent.display());
+    }
+    if !cg.exists() {
+        std::fs::create_dir(cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
+    }
+    // the root of a cgroup2 mount has no cgroup.type file
+    if !cg.join("cgroup.type").exists() {
+        bail!("--socket-lb-cgroup {}: refusing the cgroup v2 root (every process of the machine); give a child cgroup", cg.display());
+    }
+    Ok(())
 }

@@ -309,6 +309,10 @@ pub fn start_agent(bin_dir: &Path, node: &NodeState) -> Result<u32> {
     cmd.args(&node.agent_args);
     // Pins per cluster and node, so clusters never share eBPF maps; `cluster down` removes them.
     cmd.arg("--bpf-pin-dir").arg(bpf_pin_dir(&node.dir, &node.name));
+    // Socket-level LB for the node's host-network processes (a cgroup of the cluster's own).
+    if let Some(cg) = node_cgroup(&node.dir, &node.name) {
+        cmd.arg("--socket-lb-cgroup").arg(cg);
+    }
     // Short leases in the dev cluster, so a dead node leaves quickly.
     cmd.arg("--node-lease-ttl").arg("5s")
         .arg("--api-socket")
@@ -406,6 +410,40 @@ pub fn bpf_pin_dir(node_dir: &Path, node: &str) -> PathBuf {
 
 pub const BPF_ROOT: &str = "/sys/fs/bpf/fjord";
 
+/// The cgroup v2 mount, if this machine has one (unified or hybrid layout).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().map(PathBuf::from).find(|p| {
+        p.join("cgroup.procs").exists()
+            && nix::sys::statfs::statfs(p.as_path()).map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC).unwrap_or(false)
+    })
+}
+
+/// The cgroup whose processes are the node's host-network processes: the agent attaches
+/// the socket-level LB there (`--socket-lb-cgroup`). `cluster exec --node` runs commands in it.
+pub fn node_cgroup(node_dir: &Path, node: &str) -> Option<PathBuf> {
+    let cluster = node_dir.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    cgroup2_root().map(|r| r.join(format!("fjord-dev-{cluster}-{node}")))
+}
+
+/// Removes a dev-cluster node cgroup: processes still in it (started by `cluster exec
+/// --node`) are killed first.
+fn remove_node_cgroup(cg: &Path) -> Result<()> {
+    if !cg.exists() {
+        return Ok(());
+    }
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        if std::fs::remove_dir(cg).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bail!("could not remove cgroup {} (processes still in it?)", cg.display())
+}
+
 /// Remove every namespace, process and file of cluster `name`. Works from the
 /// state file and, if that is gone, from the namespace prefix.
 pub async fn down(home: &Home, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
@@ -434,6 +472,16 @@ pub async fn down(home: &Home, name: &str, progress: &dyn Fn(&str)) -> Result<()
     for ns in all {
         netns::delete(&ns)?;
         progress(&format!("deleted namespace {ns}"));
+    }
+    if let Some(s) = &state {
+        for n in &s.nodes {
+            if let Some(cg) = node_cgroup(&n.dir, &n.name) {
+                if cg.exists() {
+                    remove_node_cgroup(&cg)?;
+                    progress(&format!("removed cgroup {}", cg.display()));
+                }
+            }
+        }
     }
     let pins = Path::new(BPF_ROOT).join(format!("dev-{name}"));
     if pins.exists() {
@@ -465,6 +513,16 @@ pub fn list(home: &Home) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// Like [`exec_in`], as a host-network process of a node: inside the node's namespace and
+/// its socket-LB cgroup (so ClusterIPs work through the socket-level LB).
+pub fn exec_on_node(node: &NodeState, argv: &[String]) -> Result<i32> {
+    if let Some(cg) = node_cgroup(&node.dir, &node.name).filter(|c| c.exists()) {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining the node's cgroup {}", cg.display()))?;
+    }
+    exec_in(&netns::path(&node.netns), argv)
 }
 
 /// Replace this process with a command running inside a namespace (like `ip netns exec`),

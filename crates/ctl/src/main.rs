@@ -150,8 +150,13 @@ enum ClusterCmd {
     },
     /// List dev clusters (* marks the current one).
     List,
-    /// Run a command in the cluster's external client namespace (on the underlay, outside every node).
+    /// Run a command in the cluster's external client namespace (on the underlay, outside every
+    /// node), or with --node as a host-network process of that node (its namespace and cgroup,
+    /// where the socket-level LB serves ClusterIPs).
     Exec {
+        /// Run on this node (host network) instead of the external namespace.
+        #[arg(long)]
+        node: Option<String>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
@@ -324,9 +329,16 @@ async fn cluster_cmd(home: &Home, explicit: Option<&str>, c: ClusterCmd) -> Resu
             }
             Ok(0)
         }
-        ClusterCmd::Exec { command } => {
+        ClusterCmd::Exec { node: None, command } => {
             let cl = home.resolve(explicit)?;
             cluster::exec_in(&fjord_net::netns::path(&cl.ext_netns), &command)
+        }
+        ClusterCmd::Exec { node: Some(n), command } => {
+            let cl = home.resolve(explicit)?;
+            let node = cl.nodes.iter().find(|x| x.name == n).with_context(|| {
+                format!("no node {n:?} in cluster {} (nodes: {})", cl.name, cl.nodes.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", "))
+            })?;
+            cluster::exec_on_node(node, &command)
         }
     }
 }
