@@ -706,6 +706,14 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     ratio(&format!("direct (fjord node)@{big}"), get("direct, fjord node", big));
     ratio(&format!("iptables@{big}"), get("iptables (kube-proxy)", big));
     ratio(&format!("nftables@{big}"), get("nftables (kube-proxy)", big));
+    // sizes are measured minutes apart on a shared machine: direct pod IP in the same phase
+    // shows how much the machine itself drifted between them
+    let (d_big, d_small, fj_small) = (get("direct pod IP", big), get("direct pod IP", small), get("fjord (eBPF)", small));
+    println!(
+        "  drift-corrected fjord@{big} / fjord@{small} = (fjord/direct)@{big} / (fjord/direct)@{small}: CRR p50 {:.3}  RR p50 {:.3}",
+        (fj.p(false, 50.0) / d_big.p(false, 50.0)) / (fj_small.p(false, 50.0) / d_small.p(false, 50.0)),
+        (fj.p(true, 50.0) / d_big.p(true, 50.0)) / (fj_small.p(true, 50.0) / d_small.p(true, 50.0))
+    );
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!();

@@ -520,6 +520,7 @@ fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String
         }
         dp.upsert_many(&entries)?;
         drop(entries);
+        let mut gone = vec![];
         for (id, keys_of, nb) in new_programmed {
             let (old_keys, old_nb) = cache.programmed.remove(&id).unwrap_or_default();
             cache.frontends -= old_keys.len();
@@ -528,10 +529,7 @@ fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String
                 if cache.owner.get(k) == Some(&id) {
                     cache.owner.remove(k);
                     if !wanted_all.contains(k) {
-                        match dp.delete(k) {
-                            Ok(()) | Err(fjord_datapath::DatapathError::NotFound { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
+                        gone.push(*k);
                     }
                 }
             }
@@ -544,14 +542,15 @@ fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String
                 cache.programmed.insert(id, (keys_of, nb));
             }
         }
+        // frontends the services dropped: one batch (one RCU grace period for their tables)
+        dp.delete_many(&gone)?;
     }
     if full {
-        for k in dp.services() {
-            if !wanted_all.contains(&k) {
-                dp.delete(&k)?;
-                cache.owner.remove(&k);
-            }
+        let stale: Vec<fjord_lb::ServiceKey> = dp.services().into_iter().filter(|k| !wanted_all.contains(k)).collect();
+        for k in &stale {
+            cache.owner.remove(k);
         }
+        dp.delete_many(&stale)?;
     }
     Ok(())
 }
@@ -580,7 +579,7 @@ async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, 
             let mut dp = dp.lock().unwrap();
             program(&mut dp, &mut owned, ids, full)
         };
-        if n >= PROGRAM_CHUNK {
+        if n >= 64 {
             trim_heap();
         }
         (owned, r)
@@ -680,10 +679,27 @@ async fn watch_loop(
         let mut rev = ev.kv.mod_revision;
         let mut relevant = cache.apply(&agent.node, &ev.kind, &ev.kv.key, &ev.kv.value, &mut dirty);
         // take whatever else is already queued (a burst, e.g. one apply of many objects) without waiting
+        let mut drained = 0usize;
         while let Some(more) = w.recv().now_or_never() {
             let ev = more.ok_or_else(|| anyhow::anyhow!("watch ended"))??;
             rev = rev.max(ev.kv.mod_revision);
             relevant |= cache.apply(&agent.node, &ev.kind, &ev.kv.key, &ev.kv.value, &mut dirty);
+            drained += 1;
+        }
+        if drained > 0 {
+            // a burst (one apply of many objects) is still streaming in: take it whole
+            // (until a 2 ms gap, at most 250 ms) so it is programmed in few large batches
+            let deadline = Instant::now() + Duration::from_millis(250);
+            while Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_millis(2), w.recv()).await {
+                    Ok(more) => {
+                        let ev = more.ok_or_else(|| anyhow::anyhow!("watch ended"))??;
+                        rev = rev.max(ev.kv.mod_revision);
+                        relevant |= cache.apply(&agent.node, &ev.kind, &ev.kv.key, &ev.kv.value, &mut dirty);
+                    }
+                    Err(_) => break,
+                }
+            }
         }
         if !relevant || (dirty.services.is_empty() && !dirty.pods) {
             continue;

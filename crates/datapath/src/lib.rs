@@ -991,6 +991,44 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes many frontends (unknown keys are skipped). Like [`delete`](Self::delete)
+    /// per frontend, but their Maglev tables leave the outer map in one
+    /// `BPF_MAP_DELETE_BATCH`: one RCU grace period for all instead of one each.
+    pub fn delete_many(&mut self, keys: &[ServiceKey]) -> Result<()> {
+        let mut olds = Vec::new();
+        for key in keys {
+            let Some(st) = self.services.get(key).cloned() else { continue };
+            self.services_map.remove(&SvcKey::new(key)).map_err(map_err(MAP_SERVICES, format!("remove {key}")))?;
+            self.services.remove(key);
+            self.revnat_map.remove(&st.service_id).map_err(map_err(MAP_REVNAT, format!("remove rev-nat of {key}")))?;
+            self.free_service_ids.push_back(st.service_id);
+            debug!(service = %st.service, frontend = %key, "service deleted");
+            olds.push(st);
+        }
+        let tables: Vec<u32> = olds.iter().map(|s| s.table_id).filter(|t| *t != NO_TABLE).collect();
+        if !tables.is_empty() {
+            let pin = self.cfg.pin_dir.join(MAP_MAGLEV);
+            let outer = MapData::from_pin(&pin).map_err(map_err(MAP_MAGLEV, format!("open {}", pin.display())))?;
+            let done = match delete_batch(outer.fd().as_fd().as_raw_fd(), &tables) {
+                Ok(()) => tables.len(),
+                Err((done, e)) => {
+                    debug!(error = %e, done, "BPF_MAP_DELETE_BATCH on the Maglev map stopped; removing the rest one by one");
+                    done
+                }
+            };
+            for t in &tables[done..] {
+                match self.maglev_map.remove(t) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(MAP_MAGLEV, format!("remove old table {t}"))(e)),
+                }
+            }
+        }
+        for st in &olds {
+            self.release(st, false)?;
+        }
+        Ok(())
+    }
+
     fn link_pin(&self, iface: &str, ifindex: u32, dir: &str) -> PathBuf {
         // bpffs rejects '.' in names: encode it
         self.cfg.pin_dir.join("links").join(format!("{dir}-{ifindex}-{}", iface.replace('.', "%")))
@@ -1294,6 +1332,20 @@ fn update_batch(map_fd: std::os::fd::RawFd, keys: &[u32], values: &[u32]) -> std
     // SAFETY: attr points at keys/values that outlive the call; the kernel reads
     // `count` elements of each and writes back `count`.
     let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(((attr.count as usize).min(keys.len()), e));
+    }
+    Ok(())
+}
+
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// BPF_MAP_DELETE_BATCH of u32 keys. On error: how many were deleted (in order) and the error.
+fn delete_batch(map_fd: std::os::fd::RawFd, keys: &[u32]) -> std::result::Result<(), (usize, io::Error)> {
+    let mut attr = BatchAttr { keys: keys.as_ptr() as u64, count: keys.len() as u32, map_fd: map_fd as u32, ..Default::default() };
+    // SAFETY: attr points at `keys`, which outlives the call; the kernel writes back `count`.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return Err(((attr.count as usize).min(keys.len()), e));
