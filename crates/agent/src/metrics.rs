@@ -31,6 +31,11 @@ pub struct Metrics {
     pub service_synced_revision: Gauge,
     pub datapath_frontends: Gauge,
     pub datapath_backends: Gauge,
+    /// Watch event received → datapath programmed (includes the endpoint controller).
+    pub service_event_to_datapath_seconds: Histogram,
+    pub service_last_event_to_datapath_seconds: Gauge<f64, AtomicU64>,
+    /// Services recomputed by the last sync.
+    pub service_last_sync_services: Gauge,
     /// eBPF datapath counters (bpf/fjord.h enum fj_stat), by event.
     pub datapath_events: Family<EventLabels, Gauge>,
     pub ct_gc_removed: Counter<u64, AtomicU64>,
@@ -69,6 +74,9 @@ impl Metrics {
             ct_gc_seconds: Histogram::new(buckets.into_iter()),
             watch_lag_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0].into_iter()),
             watch_last_lag_seconds: Gauge::default(),
+            service_event_to_datapath_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0].into_iter()),
+            service_last_event_to_datapath_seconds: Gauge::default(),
+            service_last_sync_services: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("cni_requests", "CNI requests served, by command and result", m.cni_requests.clone());
@@ -110,6 +118,17 @@ impl Metrics {
             m.watch_lag_seconds.clone(),
         );
         registry.register("store_watch_last_lag_seconds", "The last heartbeat's watch lag", m.watch_last_lag_seconds.clone());
+        registry.register(
+            "service_event_to_datapath_seconds",
+            "Time from the agent receiving a watched change (first event of a batch) to the eBPF maps holding it",
+            m.service_event_to_datapath_seconds.clone(),
+        );
+        registry.register(
+            "service_last_event_to_datapath_seconds",
+            "The last sync's time from receiving the change to the eBPF maps holding it",
+            m.service_last_event_to_datapath_seconds.clone(),
+        );
+        registry.register("service_last_sync_services", "Services recomputed by the last sync", m.service_last_sync_services.clone());
         Metrics { registry, ..m }
     }
 

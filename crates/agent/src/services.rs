@@ -12,7 +12,7 @@ use fjord_model::objects::{
     ServiceType, ValidationContext,
 };
 use fjord_store::{Compare, Op, Store, Txn};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -416,111 +416,416 @@ pub fn desired_frontends(services: &[Service], slices: &[EndpointSlice], node: &
     out
 }
 
-/// One reconcile pass: own EndpointSlices, then the datapath.
-pub async fn reconcile(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, lease: Option<i64>) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    let revision = agent.store.current_revision().await?;
-    let services = list_services(agent.store.as_ref()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pods = agent.pods().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let atts = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut slices = list_slices(agent.store.as_ref()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    // 1. Endpoint controller (one writer per fact: this node's pods).
-    let want = desired_local_slices(&agent.node, &services, &pods, &atts);
-    let suffix = format!("-fjord-{}", agent.node);
-    let have: BTreeMap<String, EndpointSlice> = slices
-        .iter()
-        .filter(|e| e.metadata.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_FJORD) && e.metadata.name.ends_with(&suffix))
-        .map(|e| (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), e.clone()))
-        .collect();
-    let mut ops = vec![];
-    for (k, e) in &want {
-        if have.get(k) != Some(e) {
-            ops.push(Op::Put { key: k.clone(), value: serde_json::to_vec(e)?, lease });
+/// What the service controller knows: a mirror of the store's services,
+/// EndpointSlices, pods and this node's attachments, fed by the watch (no
+/// re-listing per event), plus what it programmed into the datapath per
+/// service, so a change recomputes and reprograms only the services it touches.
+#[derive(Default)]
+struct Cache {
+    /// "ns/name" → service
+    services: HashMap<String, Service>,
+    /// store key → slice
+    slices: HashMap<String, EndpointSlice>,
+    /// "ns/name" of a service → store keys of its slices (by the service-name label)
+    slices_by_service: HashMap<String, BTreeSet<String>>,
+    pods: BTreeMap<String, Pod>,
+    atts: BTreeMap<String, Attachment>,
+    /// "ns/name" → (frontend keys, backend count) programmed for it
+    programmed: HashMap<String, (Vec<fjord_lb::ServiceKey>, usize)>,
+    /// frontend → the service that programmed it (one writer per frontend)
+    owner: HashMap<fjord_lb::ServiceKey, String>,
+    frontends: usize,
+    backends: usize,
+}
+
+/// What one batch of watch events changed.
+#[derive(Default)]
+struct Dirty {
+    /// services ("ns/name") whose frontends must be recomputed
+    services: BTreeSet<String>,
+    /// pods or attachments changed: the endpoint controller looks at every service
+    pods: bool,
+    /// recompute everything (start, resync after a watch error)
+    all: bool,
+}
+
+fn slice_owner(e: &EndpointSlice) -> Option<String> {
+    e.service_name().map(|n| format!("{}/{}", e.metadata.namespace, n))
+}
+
+impl Cache {
+    fn service_id(key: &str) -> Option<String> {
+        key.strip_prefix(&keys::services_prefix()).map(str::to_string)
+    }
+
+    fn put_slice(&mut self, key: String, e: Option<EndpointSlice>, dirty: &mut Dirty) {
+        let old = match &e {
+            Some(new) => {
+                if self.slices.get(&key) == Some(new) {
+                    return; // our own write coming back through the watch
+                }
+                self.slices.insert(key.clone(), new.clone())
+            }
+            None => self.slices.remove(&key),
+        };
+        if let Some(o) = old.as_ref().and_then(slice_owner) {
+            if let Some(set) = self.slices_by_service.get_mut(&o) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&o);
+                }
+            }
+            dirty.services.insert(o);
+        }
+        if let Some(o) = e.as_ref().and_then(slice_owner) {
+            self.slices_by_service.entry(o.clone()).or_default().insert(key);
+            dirty.services.insert(o);
         }
     }
-    for k in have.keys().filter(|k| !want.contains_key(*k)) {
-        ops.push(Op::delete(k.clone()));
+
+    /// Applies one watch event; false if the key is not one the controller follows.
+    fn apply(&mut self, node: &str, kind: &fjord_store::EventKind, key: &str, value: &[u8], dirty: &mut Dirty) -> bool {
+        let put = matches!(kind, fjord_store::EventKind::Put);
+        if let Some(id) = Self::service_id(key) {
+            let new: Option<Service> = if put { decode_logged(key, value) } else { None };
+            let changed = match &new {
+                Some(n) => self.services.get(&id) != Some(n),
+                None => self.services.contains_key(&id),
+            };
+            if changed {
+                match new {
+                    Some(n) => self.services.insert(id.clone(), n),
+                    None => self.services.remove(&id),
+                };
+                dirty.services.insert(id);
+            }
+        } else if key.starts_with(&keys::endpointslices_prefix()) {
+            let new: Option<EndpointSlice> = if put { decode_logged(key, value) } else { None };
+            self.put_slice(key.to_string(), new, dirty);
+        } else if key.starts_with(&keys::pods_prefix()) {
+            let new: Option<Pod> = if put { decode_logged(key, value) } else { None };
+            if self.pods.get(key) != new.as_ref() {
+                match new {
+                    Some(p) => self.pods.insert(key.to_string(), p),
+                    None => self.pods.remove(key),
+                };
+                dirty.pods = true;
+            }
+        } else if key.starts_with(&keys::attachments_prefix(node)) {
+            let new: Option<Attachment> = if put { decode_logged(key, value) } else { None };
+            if self.atts.get(key) != new.as_ref() {
+                match new {
+                    Some(a) => self.atts.insert(key.to_string(), a),
+                    None => self.atts.remove(key),
+                };
+                dirty.pods = true;
+            }
+        } else {
+            return false;
+        }
+        true
+    }
+}
+
+/// Endpoint controller (one writer per fact: this node's pods → this node's
+/// EndpointSlices) for the services `dirty` names, from the cache; writes the
+/// difference in one transaction and folds it into the cache.
+async fn sync_local_slices(agent: &Agent, cache: &mut Cache, dirty: &mut Dirty, lease: Option<i64>) -> anyhow::Result<()> {
+    let everything = dirty.all || dirty.pods;
+    let in_scope = |id: &str| everything || dirty.services.contains(id);
+    let services: Vec<Service> = if everything {
+        cache.services.values().cloned().collect()
+    } else {
+        dirty.services.iter().filter_map(|id| cache.services.get(id).cloned()).collect()
+    };
+    let pods: Vec<Pod> = cache.pods.values().cloned().collect();
+    let atts: Vec<Attachment> = cache.atts.values().cloned().collect();
+    let want = desired_local_slices(&agent.node, &services, &pods, &atts);
+    let suffix = format!("-fjord-{}", agent.node);
+    let mut ops = vec![];
+    let mut writes: Vec<(String, Option<EndpointSlice>)> = vec![];
+    for (k, e) in &want {
+        if cache.slices.get(k) != Some(e) {
+            ops.push(Op::Put { key: k.clone(), value: serde_json::to_vec(e)?, lease });
+            writes.push((k.clone(), Some(e.clone())));
+        }
+    }
+    for (k, e) in &cache.slices {
+        let mine = e.metadata.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_FJORD) && e.metadata.name.ends_with(&suffix);
+        if mine && !want.contains_key(k) && slice_owner(e).is_some_and(|o| in_scope(&o)) {
+            ops.push(Op::delete(k.clone()));
+            writes.push((k.clone(), None));
+        }
     }
     if !ops.is_empty() {
         agent.store.txn(Txn::when(vec![]).and_then(ops)).await?;
-        slices.retain(|e| !(e.metadata.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_FJORD) && e.metadata.name.ends_with(&suffix)));
-        slices.extend(want.into_values());
+        for (k, e) in writes {
+            cache.put_slice(k, e, dirty);
+        }
     }
-    // 2. Datapath.
-    let Some(dp) = dp else { return Ok(()) };
-    let addresses = agent.node_addresses();
-    let lbs = desired_frontends(&services, &slices, &LocalNode { name: &agent.node, addresses: &addresses });
-    let dp = dp.clone();
-    let (nfe, nbe) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
-        let mut dp = dp.lock().unwrap();
-        let cfg = LbConfig { maglev_size: dp.config().maglev_size, ..LbConfig::default() };
-        let mut entries = vec![];
-        for s in &lbs {
-            match fjord_lb::translate(s, &cfg) {
-                Ok(fes) => entries.extend(fes),
-                Err(e) => warn!(service = %s.name, error = %e, "service skipped"),
-            }
-        }
-        let wanted: BTreeSet<_> = entries.iter().map(|e| e.key).collect();
-        dp.upsert_many(&entries)?;
-        for k in dp.services() {
-            if !wanted.contains(&k) {
-                dp.delete(&k)?;
-            }
-        }
-        Ok((entries.len(), entries.iter().map(|e| e.backends.len()).sum()))
+    Ok(())
+}
+
+/// Frontends of one service (translated, Maglev tables built).
+fn frontends_of(cache: &Cache, id: &str, node: &LocalNode) -> Vec<fjord_lb::Service> {
+    let Some(s) = cache.services.get(id) else { return vec![] };
+    let slices: Vec<EndpointSlice> =
+        cache.slices_by_service.get(id).into_iter().flatten().filter_map(|k| cache.slices.get(k).cloned()).collect();
+    desired_frontends(std::slice::from_ref(s), &slices, node)
+}
+
+/// Services translated and programmed per chunk: bounds the memory of built
+/// Maglev tables (64 KiB each at M = 16381) and pays one RCU grace period per chunk.
+const PROGRAM_CHUNK: usize = 1024;
+
+/// Translates (Maglev) on up to 2 threads.
+fn translate_all(lbs: &[fjord_lb::Service], cfg: &LbConfig) -> Vec<(String, Result<Vec<fjord_lb::FrontendEntries>, String>)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 2);
+    let per = lbs.len().div_ceil(threads).max(1);
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = lbs
+            .chunks(per)
+            .map(|part| sc.spawn(move || part.iter().map(|s| (s.name.clone(), fjord_lb::translate(s, cfg).map_err(|e| e.to_string()))).collect::<Vec<_>>()))
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().expect("translate thread")).collect()
     })
-    .await??;
+}
+
+/// Programs the datapath for the dirty services (all of them on a full sync):
+/// per service, desired frontends → Maglev → upsert; frontends it no longer
+/// has are deleted. On a full sync, frontends nobody owns (left from before a
+/// restart) are deleted too.
+fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String>, full: bool, node: &LocalNode) -> anyhow::Result<()> {
+    let cfg = LbConfig { maglev_size: dp.config().maglev_size, ..LbConfig::default() };
+    let mut wanted_all: HashSet<fjord_lb::ServiceKey> = HashSet::new();
+    for chunk in ids.chunks(PROGRAM_CHUNK) {
+        let lbs: Vec<fjord_lb::Service> = chunk.iter().flat_map(|id| frontends_of(cache, id, node)).collect();
+        let translated = translate_all(&lbs, &cfg);
+        let mut by_service: HashMap<String, Vec<fjord_lb::FrontendEntries>> = HashMap::new();
+        for (name, r) in translated {
+            match r {
+                Ok(fes) => by_service.entry(name).or_default().extend(fes),
+                Err(e) => {
+                    warn!(service = %name, error = %e, "service skipped");
+                    by_service.entry(name).or_default();
+                }
+            }
+        }
+        let mut entries = vec![];
+        let mut new_programmed: Vec<(String, Vec<fjord_lb::ServiceKey>, usize)> = vec![];
+        for id in chunk {
+            let fes = by_service.remove(id).unwrap_or_default();
+            let mut keys_of = vec![];
+            let mut nb = 0;
+            for fe in fes {
+                match cache.owner.get(&fe.key) {
+                    Some(o) if o != id && cache.services.contains_key(o) && !wanted_all.contains(&fe.key) && !chunk.contains(o) => {
+                        warn!(service = %id, frontend = %fe.key, owner = %o, "frontend already belongs to another service; skipped");
+                        continue;
+                    }
+                    _ => {}
+                }
+                if !wanted_all.insert(fe.key) {
+                    warn!(service = %id, frontend = %fe.key, "frontend listed by two services; skipped");
+                    continue;
+                }
+                keys_of.push(fe.key);
+                nb += fe.backends.len();
+                entries.push(fe);
+            }
+            new_programmed.push((id.clone(), keys_of, nb));
+        }
+        dp.upsert_many(&entries)?;
+        drop(entries);
+        let mut gone = vec![];
+        for (id, keys_of, nb) in new_programmed {
+            let (old_keys, old_nb) = cache.programmed.remove(&id).unwrap_or_default();
+            cache.frontends -= old_keys.len();
+            cache.backends -= old_nb;
+            for k in old_keys.iter().filter(|k| !keys_of.contains(k)) {
+                if cache.owner.get(k) == Some(&id) {
+                    cache.owner.remove(k);
+                    if !wanted_all.contains(k) {
+                        gone.push(*k);
+                    }
+                }
+            }
+            for k in &keys_of {
+                cache.owner.insert(*k, id.clone());
+            }
+            cache.frontends += keys_of.len();
+            cache.backends += nb;
+            if !keys_of.is_empty() || cache.services.contains_key(&id) {
+                cache.programmed.insert(id, (keys_of, nb));
+            }
+        }
+        // frontends the services dropped: one batch (one RCU grace period for their tables)
+        dp.delete_many(&gone)?;
+    }
+    if full {
+        let stale: Vec<fjord_lb::ServiceKey> = dp.services().into_iter().filter(|k| !wanted_all.contains(k)).collect();
+        for k in &stale {
+            cache.owner.remove(k);
+        }
+        dp.delete_many(&stale)?;
+    }
+    Ok(())
+}
+
+/// One pass over what changed: own EndpointSlices, then the datapath.
+/// `seen`: when the agent received the first event of this batch.
+async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, cache: &mut Cache, mut dirty: Dirty, lease: Option<i64>, revision: i64, seen: Instant) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    sync_local_slices(agent, cache, &mut dirty, lease).await?;
+    let Some(dp) = dp else { return Ok(()) };
+    let ids: Vec<String> = if dirty.all {
+        // every service, and every one programmed before (it may be gone since)
+        let mut all: BTreeSet<String> = cache.services.keys().cloned().collect();
+        all.extend(cache.programmed.keys().cloned());
+        all.into_iter().collect()
+    } else {
+        dirty.services.iter().cloned().collect()
+    };
+    let n = ids.len();
+    let dp = dp.clone();
+    let full = dirty.all;
+    let (node_name, addresses) = (agent.node.clone(), agent.node_addresses());
+    // the cache moves into the blocking task and back (map updates block on the kernel)
+    let mut owned = std::mem::take(cache);
+    let (back, r) = tokio::task::spawn_blocking(move || {
+        let r = {
+            let mut dp = dp.lock().unwrap();
+            program(&mut dp, &mut owned, ids, full, &LocalNode { name: &node_name, addresses: &addresses })
+        };
+        if n >= 64 {
+            trim_heap();
+        }
+        (owned, r)
+    })
+    .await?;
+    *cache = back;
+    r?;
+    let (nfe, nbe) = (cache.frontends, cache.backends);
+    let took = seen.elapsed();
     *agent.services.frontends.lock().unwrap() = nfe;
     *agent.services.backends.lock().unwrap() = nbe;
     *agent.services.last_sync.lock().unwrap() = Some((Instant::now(), t0.elapsed()));
     *agent.services.last_error.lock().unwrap() = None;
     agent.metrics.service_sync_seconds.observe(t0.elapsed().as_secs_f64());
+    agent.metrics.service_event_to_datapath_seconds.observe(took.as_secs_f64());
+    agent.metrics.service_last_event_to_datapath_seconds.set(took.as_secs_f64());
+    agent.metrics.service_last_sync_services.set(n as i64);
     agent.metrics.service_synced_revision.set(revision);
     agent.metrics.datapath_frontends.set(nfe as i64);
     agent.metrics.datapath_backends.set(nbe as i64);
-    tracing::debug!(frontends = nfe, backends = nbe, ms = t0.elapsed().as_secs_f64() * 1000.0, "services synced");
+    tracing::debug!(services = n, frontends = nfe, backends = nbe, full, ms = took.as_secs_f64() * 1000.0, "services synced");
     Ok(())
 }
 
-/// Watch everything services depend on and reconcile on change (coalescing bursts).
+/// Gives memory freed after a large sync (translated Maglev tables) back to the OS.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Lists what the controller follows (at one revision) into a fresh cache.
+async fn load_cache(agent: &Agent) -> anyhow::Result<(Cache, i64)> {
+    let mut cache = Cache::default();
+    let mut dirty = Dirty::default();
+    let l = agent.store.list(keys::PREFIX).await?;
+    for kv in &l.kvs {
+        cache.apply(&agent.node, &fjord_store::EventKind::Put, &kv.key, &kv.value, &mut dirty);
+    }
+    Ok((cache, l.revision))
+}
+
+/// Watch everything services depend on and reprogram what changed.
 pub async fn run(agent: Arc<Agent>, dp: Option<Arc<Mutex<fjord_datapath::Datapath>>>, lease: Arc<std::sync::atomic::AtomicI64>) {
     let mut backoff = Duration::from_millis(100);
+    let mut programmed = Cache::default();
     loop {
         let r: anyhow::Result<()> = async {
-            let rev = agent.store.current_revision().await?;
             let l = |lease: &std::sync::atomic::AtomicI64| Some(lease.load(std::sync::atomic::Ordering::Relaxed)).filter(|l| *l != 0);
-            reconcile(&agent, dp.as_ref(), l(&lease)).await?;
-            let mut w = agent.store.watch(keys::PREFIX, rev + 1).await?;
-            backoff = Duration::from_millis(100);
-            loop {
-                let ev = w.recv().await.ok_or_else(|| anyhow::anyhow!("watch ended"))??;
-                let relevant = |k: &str| {
-                    k.starts_with(&keys::services_prefix())
-                        || k.starts_with(&keys::endpointslices_prefix())
-                        || k.starts_with(&keys::pods_prefix())
-                        || k.starts_with(&keys::attachments_prefix(&agent.node))
-                };
-                if !relevant(&ev.kv.key) {
-                    continue;
+            let seen = Instant::now();
+            let (mut cache, rev) = load_cache(&agent).await?;
+            // keep what is programmed (so a resync deletes frontends of services gone meanwhile)
+            cache.programmed = std::mem::take(&mut programmed.programmed);
+            cache.owner = std::mem::take(&mut programmed.owner);
+            cache.frontends = programmed.frontends;
+            cache.backends = programmed.backends;
+            let res = sync(&agent, dp.as_ref(), &mut cache, Dirty { all: true, ..Dirty::default() }, l(&lease), rev, seen).await;
+            let res = match res {
+                Ok(()) => {
+                    let mut w = agent.store.watch(keys::PREFIX, rev + 1).await?;
+                    backoff = Duration::from_millis(100);
+                    watch_loop(&agent, dp.as_ref(), &mut cache, &mut w, &lease).await
                 }
-                // Coalesce a burst of changes into one pass.
-                while let Ok(Some(more)) = tokio::time::timeout(Duration::from_millis(5), w.recv()).await {
-                    more?;
-                }
-                if let Err(e) = reconcile(&agent, dp.as_ref(), l(&lease)).await {
-                    warn!(error = %format!("{e:#}"), "service sync failed");
-                    *agent.services.last_error.lock().unwrap() = Some(format!("{e:#}"));
-                }
-            }
+                Err(e) => Err(e),
+            };
+            programmed.programmed = std::mem::take(&mut cache.programmed);
+            programmed.owner = std::mem::take(&mut cache.owner);
+            programmed.frontends = cache.frontends;
+            programmed.backends = cache.backends;
+            res
         }
         .await;
         if let Err(e) = r {
-            warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "service watch interrupted; datapath keeps its state");
+            warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "service watch or sync interrupted; datapath keeps its state");
             *agent.services.last_error.lock().unwrap() = Some(format!("{e:#}"));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         info!("service controller resyncing");
+    }
+}
+
+async fn watch_loop(
+    agent: &Agent,
+    dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>,
+    cache: &mut Cache,
+    w: &mut fjord_store::WatchStream,
+    lease: &std::sync::atomic::AtomicI64,
+) -> anyhow::Result<()> {
+    use futures::FutureExt;
+    loop {
+        let ev = w.recv().await.ok_or_else(|| anyhow::anyhow!("watch ended"))??;
+        let seen = Instant::now();
+        let mut dirty = Dirty::default();
+        let mut rev = ev.kv.mod_revision;
+        let mut relevant = cache.apply(&agent.node, &ev.kind, &ev.kv.key, &ev.kv.value, &mut dirty);
+        // take whatever else is already queued (a burst, e.g. one apply of many objects) without waiting
+        let mut drained = 0usize;
+        while let Some(more) = w.recv().now_or_never() {
+            let ev = more.ok_or_else(|| anyhow::anyhow!("watch ended"))??;
+            rev = rev.max(ev.kv.mod_revision);
+            relevant |= cache.apply(&agent.node, &ev.kind, &ev.kv.key, &ev.kv.value, &mut dirty);
+            drained += 1;
+        }
+        if drained > 0 {
+            // a burst (one apply of many objects) is still streaming in: take it whole
+            // (until a 2 ms gap, at most 250 ms) so it is programmed in few large batches
+            let deadline = Instant::now() + Duration::from_millis(250);
+            while Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_millis(2), w.recv()).await {
+                    Ok(more) => {
+                        let ev = more.ok_or_else(|| anyhow::anyhow!("watch ended"))??;
+                        rev = rev.max(ev.kv.mod_revision);
+                        relevant |= cache.apply(&agent.node, &ev.kind, &ev.kv.key, &ev.kv.value, &mut dirty);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if !relevant || (dirty.services.is_empty() && !dirty.pods) {
+            continue;
+        }
+        let l = Some(lease.load(std::sync::atomic::Ordering::Relaxed)).filter(|l| *l != 0);
+        if let Err(e) = sync(agent, dp, cache, dirty, l, rev, seen).await {
+            // the cache is ahead of the datapath now: resync everything
+            return Err(e.context("service sync failed"));
+        }
     }
 }

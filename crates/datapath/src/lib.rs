@@ -72,8 +72,9 @@ const NO_TABLE: u32 = 0;
 /// Spare outer-map entries beyond max_services (tables are keyed by service id;
 /// headroom for leftovers of an interrupted update, cleaned on load).
 const SPARE_TABLES: u32 = 16;
-/// Frontends prepared at once by upsert_many (each holds up to 2 map fds).
-const BATCH_CHUNK: usize = 256;
+/// Frontends prepared at once by upsert_many (each holds up to 2 map fds;
+/// each chunk pays one RCU grace period for its table switches).
+const BATCH_CHUNK: usize = 1024;
 
 /// Datapath counters (`enum fj_stat` in bpf/fjord.h), summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -935,12 +936,58 @@ impl Datapath {
     }
 
     /// Switches the prepared tables in (replace in place under the service id).
+    /// One `BPF_MAP_UPDATE_BATCH` for the whole chunk: the kernel waits for one
+    /// RCU grace period per map-in-map update *syscall* (maybe_wait_bpf_programs),
+    /// so a batch pays it once instead of once per frontend. Kernels without
+    /// batch ops on HASH_OF_MAPS fall back to concurrent single updates.
     fn switch_tables(&self, prepared: &mut [Prepared]) -> Vec<Result<()>> {
         let todo: Vec<usize> = (0..prepared.len()).filter(|&i| prepared[i].inner.is_some()).collect();
         let mut results: Vec<Result<()>> = (0..prepared.len()).map(|_| Ok(())).collect();
         if todo.is_empty() {
             return results;
         }
+        let keys: Vec<u32> = todo.iter().map(|&i| prepared[i].table_id).collect();
+        let fds: Vec<u32> = todo.iter().map(|&i| prepared[i].inner.as_ref().expect("has table").fd().as_fd().as_raw_fd() as u32).collect();
+        let pin = self.cfg.pin_dir.join(MAP_MAGLEV);
+        let outer = match MapData::from_pin(&pin) {
+            Ok(md) => md,
+            Err(e) => {
+                let e = map_err(MAP_MAGLEV, format!("open {}", pin.display()))(e);
+                results[todo[0]] = Err(e);
+                return results;
+            }
+        };
+        match update_batch(outer.fd().as_fd().as_raw_fd(), &keys, &fds) {
+            Ok(()) => {
+                for &i in &todo {
+                    prepared[i].switched = true;
+                }
+                return results;
+            }
+            Err((0, e)) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524 /* ENOTSUPP */)) => {
+                debug!(error = %e, "BPF_MAP_UPDATE_BATCH on the Maglev map unsupported; switching tables one by one");
+            }
+            Err((done, e)) => {
+                for (n, &i) in todo.iter().enumerate() {
+                    if n < done {
+                        prepared[i].switched = true;
+                    } else if n == done {
+                        let p = &prepared[i];
+                        results[i] = Err(DatapathError::Map {
+                            map: MAP_MAGLEV,
+                            op: format!("switch table {} of {} (batch): {e}", p.table_id, p.key),
+                            source: Box::new(MapError::KeyNotFound),
+                        });
+                    }
+                }
+                return results;
+            }
+        }
+        self.switch_tables_concurrently(prepared, &todo, &mut results);
+        results
+    }
+
+    fn switch_tables_concurrently(&self, prepared: &mut [Prepared], todo: &[usize], results: &mut [Result<()>]) {
         let threads = todo.len().clamp(1, 64);
         let chunk = todo.len().div_ceil(threads);
         let pin = self.cfg.pin_dir.join(MAP_MAGLEV);
@@ -991,7 +1038,6 @@ impl Datapath {
             }
             results[i] = r;
         }
-        results
     }
 
     /// Writes rev-NAT + service entry and updates the bookkeeping. On error the
@@ -1132,6 +1178,44 @@ impl Datapath {
         self.free_service_ids.push_back(st.service_id);
         self.release(&st, true)?;
         debug!(service = %st.service, frontend = %key, "service deleted");
+        Ok(())
+    }
+
+    /// Removes many frontends (unknown keys are skipped). Like [`delete`](Self::delete)
+    /// per frontend, but their Maglev tables leave the outer map in one
+    /// `BPF_MAP_DELETE_BATCH`: one RCU grace period for all instead of one each.
+    pub fn delete_many(&mut self, keys: &[ServiceKey]) -> Result<()> {
+        let mut olds = Vec::new();
+        for key in keys {
+            let Some(st) = self.services.get(key).cloned() else { continue };
+            self.services_map.remove(&SvcKey::new(key)).map_err(map_err(MAP_SERVICES, format!("remove {key}")))?;
+            self.services.remove(key);
+            self.revnat_map.remove(&st.service_id).map_err(map_err(MAP_REVNAT, format!("remove rev-nat of {key}")))?;
+            self.free_service_ids.push_back(st.service_id);
+            debug!(service = %st.service, frontend = %key, "service deleted");
+            olds.push(st);
+        }
+        let tables: Vec<u32> = olds.iter().map(|s| s.table_id).filter(|t| *t != NO_TABLE).collect();
+        if !tables.is_empty() {
+            let pin = self.cfg.pin_dir.join(MAP_MAGLEV);
+            let outer = MapData::from_pin(&pin).map_err(map_err(MAP_MAGLEV, format!("open {}", pin.display())))?;
+            let done = match delete_batch(outer.fd().as_fd().as_raw_fd(), &tables) {
+                Ok(()) => tables.len(),
+                Err((done, e)) => {
+                    debug!(error = %e, done, "BPF_MAP_DELETE_BATCH on the Maglev map stopped; removing the rest one by one");
+                    done
+                }
+            };
+            for t in &tables[done..] {
+                match self.maglev_map.remove(t) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(MAP_MAGLEV, format!("remove old table {t}"))(e)),
+                }
+            }
+        }
+        for st in &olds {
+            self.release(st, false)?;
+        }
         Ok(())
     }
 
@@ -1597,6 +1681,51 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         std::fs::remove_file(e.path()).map_err(err)?;
     }
     std::fs::remove_dir(dir).map_err(err)
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `union bpf_attr` as used by the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// BPF_MAP_UPDATE_BATCH of u32 keys → u32 values (map fds for a map-in-map).
+/// On error: how many elements were applied (in order) and the error.
+fn update_batch(map_fd: std::os::fd::RawFd, keys: &[u32], values: &[u32]) -> std::result::Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr { keys: keys.as_ptr() as u64, values: values.as_ptr() as u64, count: keys.len() as u32, map_fd: map_fd as u32, ..Default::default() };
+    // SAFETY: attr points at keys/values that outlive the call; the kernel reads
+    // `count` elements of each and writes back `count`.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(((attr.count as usize).min(keys.len()), e));
+    }
+    Ok(())
+}
+
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// BPF_MAP_DELETE_BATCH of u32 keys. On error: how many were deleted (in order) and the error.
+fn delete_batch(map_fd: std::os::fd::RawFd, keys: &[u32]) -> std::result::Result<(), (usize, io::Error)> {
+    let mut attr = BatchAttr { keys: keys.as_ptr() as u64, count: keys.len() as u32, map_fd: map_fd as u32, ..Default::default() };
+    // SAFETY: attr points at `keys`, which outlives the call; the kernel writes back `count`.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(((attr.count as usize).min(keys.len()), e));
+    }
+    Ok(())
 }
 
 /// Kernel BPF arrays store each element in round_up(value_size, 8) bytes, so

@@ -160,3 +160,30 @@ fn program_many_services() {
     println!("{:?}", dp.map_stats().unwrap());
     dp.destroy().unwrap();
 }
+
+#[test]
+fn delete_many_removes_frontends_tables_and_unused_backends() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let mut dp = Datapath::load(DatapathConfig { maglev_size: 251, max_services: 8, max_backends: 16, ct_entries: 1024, ..pins.config() }).expect("load");
+    let a = svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5], [10, 244, 1, 6]], 251);
+    let b = svc("default/b", [10, 96, 0, 2], 80, Protocol::Tcp, &[[10, 244, 1, 6], [10, 244, 1, 7]], 251);
+    let c = svc("default/c", [10, 96, 0, 3], 80, Protocol::Tcp, &[[10, 244, 1, 8]], 251);
+    let empty = svc("default/d", [10, 96, 0, 4], 80, Protocol::Tcp, &[], 251);
+    dp.upsert_many(&[a.clone(), b.clone(), c.clone(), empty.clone()]).unwrap();
+    let unknown = ServiceKey { vip: Ipv4Addr::new(10, 96, 0, 9), port: 80, protocol: Protocol::Tcp };
+    dp.delete_many(&[a.key, c.key, empty.key, unknown]).unwrap();
+    assert_eq!(dp.services(), vec![b.key]);
+    let count = |dp: &Datapath, name: &str| dp.map_stats().unwrap().into_iter().find(|m| m.name == name).unwrap().entries;
+    assert_eq!(count(&dp, "fjord_services"), 1);
+    assert_eq!(count(&dp, "fjord_revnat"), 1);
+    assert_eq!(count(&dp, "fjord_maglev"), 1, "only b's table is left");
+    assert_eq!(count(&dp, "fjord_backends"), 2, "only b's backends are left");
+    let mut got = dp.service_backends(&b.key).unwrap();
+    got.sort();
+    assert_eq!(got.len(), 2);
+    // the freed ids are reusable
+    dp.upsert_many(&[a, c]).unwrap();
+    assert_eq!(count(&dp, "fjord_services"), 3);
+    assert_eq!(count(&dp, "fjord_maglev"), 3);
+}
