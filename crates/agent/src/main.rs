@@ -64,6 +64,11 @@ struct Args {
     /// Maglev table size per frontend (prime; the same on every node).
     #[arg(long, env = "FJORD_MAGLEV_TABLE_SIZE", default_value_t = 16381)]
     maglev_table_size: u32,
+    /// Spare Maglev tables kept ready: a backend change is written into one and switched in
+    /// with one service-map update, without waiting for an RCU grace period (M x 8 bytes of
+    /// kernel memory each).
+    #[arg(long, env = "FJORD_MAGLEV_TABLE_POOL", default_value_t = 32)]
+    maglev_table_pool: u32,
     /// Conntrack entries (LRU: a full table evicts the oldest flows, never refuses new ones).
     #[arg(long, env = "FJORD_CT_ENTRIES", default_value_t = 262144)]
     ct_entries: u32,
@@ -296,6 +301,7 @@ async fn run(args: Args) -> Result<()> {
         cfg.max_services = args.max_services;
         cfg.maglev_size = args.maglev_table_size;
         cfg.ct_entries = args.ct_entries;
+        cfg.table_pool = args.maglev_table_pool;
         cfg.attach = args.attach_mode.parse().map_err(|e: String| anyhow::anyhow!(e))?;
         cfg.snat_ports = args.snat_port_range;
         cfg.timeouts = fjord_datapath::CtTimeouts {
@@ -331,6 +337,7 @@ async fn run(args: Args) -> Result<()> {
             if let Some(net) = &node_net {
                 dp.set_node_net(net)?;
             }
+            dp.maintain().context("filling the Maglev spare-table pool")?;
             // NodePort/externalIP frontends and SNAT replies arrive on the underlay (and the
             // overlay); masquerade happens on the underlay's egress
             for (dev, underlay) in &net_devs {

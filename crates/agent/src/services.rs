@@ -688,6 +688,7 @@ async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, 
     };
     let n = ids.len();
     let dp = dp.clone();
+    let dp_for_maintain = dp.clone();
     let full = dirty.all;
     let (node_name, addresses) = (agent.node.clone(), agent.node_addresses());
     // the cache moves into the blocking task and back (map updates block on the kernel)
@@ -719,6 +720,14 @@ async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, 
     agent.metrics.datapath_frontends.set(nfe as i64);
     agent.metrics.datapath_backends.set(nbe as i64);
     tracing::debug!(services = n, frontends = nfe, backends = nbe, full, ms = took.as_secs_f64() * 1000.0, "services synced");
+    // after the change is in the maps: spare-table upkeep (waits one RCU grace period, so
+    // that the next change can flip to a clean spare without waiting)
+    let dp2 = dp_for_maintain;
+    match tokio::task::spawn_blocking(move || dp2.lock().unwrap().maintain()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %e, "Maglev spare-table upkeep failed"),
+        Err(e) => warn!(error = %e, "Maglev spare-table upkeep task failed"),
+    }
     Ok(())
 }
 

@@ -229,6 +229,10 @@ pub struct DatapathConfig {
     /// The default lies above the kernel's ephemeral range (32768–60999), so
     /// it never collides with the node's own sockets.
     pub snat_ports: (u16, u16),
+    /// Spare Maglev tables kept ready, so a backend change is written into one and
+    /// switched in without waiting for an RCU grace period (see `Datapath::maintain`).
+    /// Kernel memory: M × 8 bytes each.
+    pub table_pool: u32,
     /// Source address of hairpinned flows (a pod reaching itself through a
     /// service sees this as the client). Link-local, like Cilium's 169.254.42.1.
     pub hairpin_ip: std::net::Ipv4Addr,
@@ -305,6 +309,7 @@ impl DatapathConfig {
             attach: AttachMode::default(),
             timeouts: CtTimeouts::default(),
             snat_ports: (61000, 65535),
+            table_pool: 32,
             hairpin_ip: std::net::Ipv4Addr::new(169, 254, 42, 1),
         }
     }
@@ -387,6 +392,10 @@ struct Prepared {
     previous: Option<MapData>,
     switched: bool,
     options: FrontendOptions,
+    /// a clean pool table written with the new slots (the service entry flips to it)
+    pooled: Option<(u32, MapData)>,
+    /// table id allocated for a new service by prepare() (freed again by abort())
+    fresh_table: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -455,6 +464,16 @@ pub struct Datapath {
     next_service_id: u32,
     /// service ids handed out by prepare() but not yet committed
     reserved_services: usize,
+    /// ids of every table in fjord_maglev (services' and the pool's)
+    used_tables: HashSet<u32>,
+    table_cursor: u32,
+    /// Spare tables in fjord_maglev that no packet can be reading: a change writes the new
+    /// slots into one and flips the service entry to it (no map-in-map update, so no RCU
+    /// grace period on the change path).
+    pool_clean: Vec<(u32, MapData)>,
+    /// Tables a service entry pointed to until a flip; clean after the next grace period
+    /// (`maintain`).
+    pool_dirty: Vec<(u32, MapData)>,
     /// socket-LB programs, loaded on the first attach_cgroup()
     sock: Option<Ebpf>,
 }
@@ -471,7 +490,7 @@ fn loader(cfg: &DatapathConfig) -> EbpfLoader<'static> {
     l.default_map_pin_directory(&cfg.pin_dir)
         .map_max_entries(MAP_SERVICES, cfg.max_services)
         .map_max_entries(MAP_REVNAT, cfg.max_services)
-        .map_max_entries(MAP_MAGLEV, cfg.max_services + SPARE_TABLES)
+        .map_max_entries(MAP_MAGLEV, cfg.max_services + SPARE_TABLES + cfg.table_pool)
         .map_max_entries(MAP_BACKENDS, cfg.max_backends)
         .map_max_entries(MAP_CT, cfg.ct_entries)
         .map_max_entries(MAP_SOCK_RN, cfg.ct_entries / 2)
@@ -503,7 +522,7 @@ impl Datapath {
         }
         std::fs::create_dir_all(cfg.pin_dir.join("links"))
             .map_err(|source| DatapathError::PinDir { path: cfg.pin_dir.clone(), source })?;
-        let max_tables = cfg.max_services + SPARE_TABLES;
+        let max_tables = cfg.max_services + SPARE_TABLES + cfg.table_pool;
         let ebpf = loader(&cfg)
             .load(BPF_OBJECT)
             .map_err(|e| DatapathError::Load { pin_dir: cfg.pin_dir.clone(), source: Box::new(e) })?;
@@ -594,6 +613,10 @@ impl Datapath {
             free_service_ids: VecDeque::new(),
             next_service_id: 1,
             reserved_services: 0,
+            used_tables: HashSet::new(),
+            table_cursor: 1,
+            pool_clean: Vec::new(),
+            pool_dirty: Vec::new(),
             sock: None,
         };
         dp.recover()?;
@@ -658,9 +681,14 @@ impl Datapath {
                 orphans.push(t);
             }
         }
+        self.used_tables = used_tables.clone();
         for t in orphans {
-            debug!(table = t, "removing orphan Maglev table");
-            self.maglev_map.remove(&t).map_err(map_err(MAP_MAGLEV, "remove orphan"))?;
+            // pool tables of the previous run (or leftovers of an interrupted update): spares
+            // again after the next grace period
+            debug!(table = t, "adopting unused Maglev table into the pool");
+            let md = self.maglev_map.get(&t, 0).map_err(map_err(MAP_MAGLEV, format!("get table {t}")))?;
+            self.used_tables.insert(t);
+            self.pool_dirty.push((t, md));
         }
         for (id, addr) in by_id {
             match used_backends.get(&id) {
@@ -874,13 +902,35 @@ impl Datapath {
             added: Vec::new(),
             uniq,
             index_ids: Vec::new(),
-            table_id: if fe.backends.is_empty() { NO_TABLE } else { service_id },
+            table_id: NO_TABLE,
             backend_count: fe.backends.len() as u32,
             inner: None,
             previous: None,
             switched: false,
             options: fe.options,
+            pooled: None,
+            fresh_table: false,
         };
+        if !fe.backends.is_empty() {
+            match p.existing.as_ref().map(|s| s.table_id).filter(|t| *t != NO_TABLE) {
+                Some(t) => p.table_id = t,
+                None => match self.alloc_table_id() {
+                    Some(t) => {
+                        p.table_id = t;
+                        p.fresh_table = true;
+                    }
+                    None => {
+                        let max = self.max_tables;
+                        self.abort(p);
+                        return Err(DatapathError::Map {
+                            map: MAP_MAGLEV,
+                            op: format!("allocate a table for {key}: all {max} table ids in use"),
+                            source: Box::new(MapError::KeyNotFound),
+                        });
+                    }
+                },
+            }
+        }
         // backend entries: registered right away (refcount 0) so later entries of
         // the same batch share them; abort() removes them again
         for a in &new_addrs {
@@ -911,6 +961,24 @@ impl Datapath {
                     }
                     previous = Some(old);
                 }
+                // fast path: a clean spare table, written now and flipped to by commit()
+                if let Some((pid, md)) = self.pool_clean.pop() {
+                    let r = with_mmap(&md, m, true, key, |slots| {
+                        for (s, &idx) in slots.iter_mut().zip(fe.maglev.iter()) {
+                            *s = p.index_ids[idx as usize];
+                        }
+                    });
+                    match r {
+                        Ok(()) => {
+                            p.pooled = Some((pid, md));
+                            return Ok((None, None));
+                        }
+                        Err(e) => {
+                            self.pool_clean.push((pid, md));
+                            return Err(e);
+                        }
+                    }
+                }
                 let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, m, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
                 let inner = MapData::create(obj, "fjord_mgl_tbl", None)
                     .map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?;
@@ -925,6 +993,14 @@ impl Datapath {
                 Ok((inner, previous)) => {
                     p.inner = inner;
                     p.previous = previous;
+                    if let Some((pid, _)) = &p.pooled {
+                        // the service's own table (if any) stays where it is until commit
+                        if p.fresh_table {
+                            self.used_tables.remove(&p.table_id);
+                            p.fresh_table = false;
+                        }
+                        p.table_id = *pid;
+                    }
                 }
                 Err(e) => {
                     self.abort(p);
@@ -1057,7 +1133,8 @@ impl Datapath {
                 s.table_id == p.table_id
                     && s.options == p.options
                     && s.backend_ids.len() == p.uniq.len()
-            }) && p.inner.is_none();
+            }) && p.inner.is_none()
+                && p.pooled.is_none();
             if !unchanged || is_new {
                 if let Err(e) = self.services_map.insert(SvcKey::new(&key), v, 0) {
                     if is_new {
@@ -1090,10 +1167,11 @@ impl Datapath {
             SvcState { service: p.service.clone(), service_id: p.service_id, table_id: p.table_id, backend_ids: new_ids, options: p.options },
         );
         if let Some(old) = p.existing {
-            // the table was replaced in place, unless the service lost all backends
-            self.release(&old, p.table_id == NO_TABLE)?;
+            // the table was replaced in place (or the entry flipped to a pool table, or the
+            // service lost all backends): a table the entry no longer points to becomes dirty
+            self.release(&old, old.table_id != p.table_id)?;
         }
-        debug!(service = %p.service, frontend = %key, backends = p.backend_count, "service programmed");
+        debug!(service = %p.service, frontend = %key, backends = p.backend_count, pooled = p.pooled.is_some(), "service programmed");
         Ok(())
     }
 
@@ -1109,6 +1187,12 @@ impl Datapath {
 
     /// Undoes prepare() (and a table switch, if it happened).
     fn abort(&mut self, p: Prepared) {
+        if let Some(t) = p.pooled {
+            self.pool_clean.push(t);
+        }
+        if p.fresh_table && !p.switched {
+            self.used_tables.remove(&p.table_id);
+        }
         if p.switched {
             match &p.previous {
                 Some(old) => {
@@ -1116,6 +1200,7 @@ impl Datapath {
                 }
                 None => {
                     let _ = self.maglev_map.remove(&p.table_id);
+                    self.used_tables.remove(&p.table_id);
                 }
             }
         }
@@ -1128,6 +1213,82 @@ impl Datapath {
             self.reserved_services -= 1;
             self.free_service_ids.push_front(p.service_id);
         }
+    }
+
+    /// A table id not used by any table (services' or pool).
+    fn alloc_table_id(&mut self) -> Option<u32> {
+        let max = self.max_tables;
+        for _ in 0..max {
+            let t = self.table_cursor;
+            self.table_cursor = if self.table_cursor >= max { 1 } else { self.table_cursor + 1 };
+            if !self.used_tables.contains(&t) {
+                self.used_tables.insert(t);
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// Pool upkeep, off the change path (the agent calls it after each sync): waits for
+    /// one RCU grace period — by inserting new spare tables in one batch, or by
+    /// re-inserting a dirty one — after which every table that was dirty is clean; then
+    /// trims the pool to `table_pool` (one batch delete). Returns (clean, trimmed).
+    pub fn maintain(&mut self) -> Result<(usize, usize)> {
+        let target = self.cfg.table_pool as usize;
+        let m = self.cfg.maglev_size;
+        if self.pool_dirty.is_empty() && self.pool_clean.len() == target {
+            return Ok((self.pool_clean.len(), 0));
+        }
+        let mut fresh: Vec<(u32, MapData)> = Vec::new();
+        for _ in (self.pool_clean.len() + self.pool_dirty.len())..target {
+            let Some(id) = self.alloc_table_id() else { break };
+            let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, m, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
+            match MapData::create(obj, "fjord_mgl_tbl", None) {
+                Ok(md) => fresh.push((id, md)),
+                Err(e) => {
+                    self.used_tables.remove(&id);
+                    return Err(map_err(MAP_MAGLEV, "create spare table")(e));
+                }
+            }
+        }
+        let pin = self.cfg.pin_dir.join(MAP_MAGLEV);
+        let outer = MapData::from_pin(&pin).map_err(map_err(MAP_MAGLEV, format!("open {}", pin.display())))?;
+        let outer_fd = outer.fd().as_fd().as_raw_fd();
+        if !fresh.is_empty() {
+            let ids: Vec<u32> = fresh.iter().map(|(i, _)| *i).collect();
+            let fds: Vec<u32> = fresh.iter().map(|(_, md)| md.fd().as_fd().as_raw_fd() as u32).collect();
+            let done = update_batch(outer_fd, &ids, &fds).map_or_else(|(d, _)| d, |()| ids.len());
+            for (id, md) in &fresh[done..] {
+                self.maglev_map.insert(*id, md, 0).map_err(map_err(MAP_MAGLEV, format!("insert spare table {id}")))?;
+            }
+        } else if let Some((id, md)) = self.pool_dirty.first() {
+            // any map-in-map update waits for the grace period (maybe_wait_bpf_programs)
+            self.maglev_map.insert(*id, md, 0).map_err(map_err(MAP_MAGLEV, format!("re-insert table {id}")))?;
+        }
+        self.pool_clean.append(&mut self.pool_dirty);
+        self.pool_clean.append(&mut fresh);
+        let mut trimmed = 0;
+        if self.pool_clean.len() > target {
+            let extra = self.pool_clean.split_off(target);
+            let ids: Vec<u32> = extra.iter().map(|(i, _)| *i).collect();
+            let done = delete_batch(outer_fd, &ids).map_or_else(|(d, _)| d, |()| ids.len());
+            for id in &ids[done..] {
+                match self.maglev_map.remove(id) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(MAP_MAGLEV, format!("remove spare table {id}"))(e)),
+                }
+            }
+            for id in &ids {
+                self.used_tables.remove(id);
+            }
+            trimmed = ids.len();
+        }
+        Ok((self.pool_clean.len(), trimmed))
+    }
+
+    /// (clean, dirty) spare tables.
+    pub fn pool_len(&self) -> (usize, usize) {
+        (self.pool_clean.len(), self.pool_dirty.len())
     }
 
     /// Removes sessionAffinity entries of `service_id` whose backend is not in `keep`.
@@ -1147,7 +1308,9 @@ impl Datapath {
     /// Drops the references of an old generation: its table and backends no longer used.
     fn release(&mut self, old: &SvcState, remove_table: bool) -> Result<()> {
         if remove_table && old.table_id != NO_TABLE {
-            self.maglev_map.remove(&old.table_id).map_err(map_err(MAP_MAGLEV, format!("remove old table {}", old.table_id)))?;
+            // packets may still be reading it: a spare after the next grace period (maintain)
+            let md = self.maglev_map.get(&old.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get old table {}", old.table_id)))?;
+            self.pool_dirty.push((old.table_id, md));
         }
         let rev: StdHashMap<u32, BackendAddr> = self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
         for id in &old.backend_ids {
@@ -1195,26 +1358,9 @@ impl Datapath {
             debug!(service = %st.service, frontend = %key, "service deleted");
             olds.push(st);
         }
-        let tables: Vec<u32> = olds.iter().map(|s| s.table_id).filter(|t| *t != NO_TABLE).collect();
-        if !tables.is_empty() {
-            let pin = self.cfg.pin_dir.join(MAP_MAGLEV);
-            let outer = MapData::from_pin(&pin).map_err(map_err(MAP_MAGLEV, format!("open {}", pin.display())))?;
-            let done = match delete_batch(outer.fd().as_fd().as_raw_fd(), &tables) {
-                Ok(()) => tables.len(),
-                Err((done, e)) => {
-                    debug!(error = %e, done, "BPF_MAP_DELETE_BATCH on the Maglev map stopped; removing the rest one by one");
-                    done
-                }
-            };
-            for t in &tables[done..] {
-                match self.maglev_map.remove(t) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(MAP_MAGLEV, format!("remove old table {t}"))(e)),
-                }
-            }
-        }
+        // their tables become dirty spares; maintain() trims the pool in one batch
         for st in &olds {
-            self.release(st, false)?;
+            self.release(st, true)?;
         }
         Ok(())
     }

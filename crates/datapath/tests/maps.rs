@@ -24,7 +24,7 @@ fn svc(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, backends: &[[u8;
 }
 
 fn small(pins: &PinDir) -> DatapathConfig {
-    DatapathConfig { maglev_size: 251, max_services: 2, max_backends: 4, ct_entries: 1024, ..pins.config() }
+    DatapathConfig { maglev_size: 251, max_services: 2, max_backends: 4, ct_entries: 1024, table_pool: 0, ..pins.config() }
 }
 
 #[test]
@@ -87,6 +87,7 @@ fn capacity_and_bad_input_leave_maps_unchanged() {
     let a1 = svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5]], 251);
     dp.upsert(&a1).unwrap();
     dp.delete(&b.key).unwrap();
+    dp.maintain().unwrap(); // b's table leaves after a grace period
     let s = dp.map_stats().unwrap();
     let n = |name: &str| s.iter().find(|m| m.name == name).unwrap().entries;
     assert_eq!((n("fjord_services"), n("fjord_backends"), n("fjord_maglev"), n("fjord_revnat")), (1, 1, 1, 1));
@@ -165,7 +166,7 @@ fn program_many_services() {
 fn delete_many_removes_frontends_tables_and_unused_backends() {
     let _l = kernel_lock();
     let pins = PinDir::new();
-    let mut dp = Datapath::load(DatapathConfig { maglev_size: 251, max_services: 8, max_backends: 16, ct_entries: 1024, ..pins.config() }).expect("load");
+    let mut dp = Datapath::load(DatapathConfig { maglev_size: 251, max_services: 8, max_backends: 16, ct_entries: 1024, table_pool: 0, ..pins.config() }).expect("load");
     let a = svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5], [10, 244, 1, 6]], 251);
     let b = svc("default/b", [10, 96, 0, 2], 80, Protocol::Tcp, &[[10, 244, 1, 6], [10, 244, 1, 7]], 251);
     let c = svc("default/c", [10, 96, 0, 3], 80, Protocol::Tcp, &[[10, 244, 1, 8]], 251);
@@ -173,6 +174,8 @@ fn delete_many_removes_frontends_tables_and_unused_backends() {
     dp.upsert_many(&[a.clone(), b.clone(), c.clone(), empty.clone()]).unwrap();
     let unknown = ServiceKey { vip: Ipv4Addr::new(10, 96, 0, 9), port: 80, protocol: Protocol::Tcp };
     dp.delete_many(&[a.key, c.key, empty.key, unknown]).unwrap();
+    assert_eq!(dp.pool_len(), (0, 2), "a's and c's tables wait for a grace period");
+    assert_eq!(dp.maintain().unwrap(), (0, 2), "then leave in one batch");
     assert_eq!(dp.services(), vec![b.key]);
     let count = |dp: &Datapath, name: &str| dp.map_stats().unwrap().into_iter().find(|m| m.name == name).unwrap().entries;
     assert_eq!(count(&dp, "fjord_services"), 1);
@@ -186,4 +189,47 @@ fn delete_many_removes_frontends_tables_and_unused_backends() {
     dp.upsert_many(&[a, c]).unwrap();
     assert_eq!(count(&dp, "fjord_services"), 3);
     assert_eq!(count(&dp, "fjord_maglev"), 3);
+}
+
+/// The spare-table pool: a change is written into a clean spare and the service entry flips
+/// to it (no map-in-map update on the change path); the old table is reused only after
+/// `maintain` waited for a grace period. Prints the change latency with and without a spare.
+#[test]
+fn backend_changes_flip_to_spare_tables() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let mut dp = Datapath::load(DatapathConfig { maglev_size: 16381, max_services: 8, max_backends: 16, ct_entries: 1024, table_pool: 2, ..pins.config() }).expect("load");
+    assert_eq!(dp.maintain().unwrap(), (2, 0), "the pool is filled");
+    let gen = |n: u8| svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &(1..=n).map(|i| [10, 244, 1, i]).collect::<Vec<_>>(), 16381);
+    dp.upsert(&gen(3)).unwrap(); // a new service takes a spare too
+    assert_eq!(dp.pool_len(), (1, 0));
+    let mut fast = vec![];
+    for n in [4u8, 5, 3, 4] {
+        let want = gen(n);
+        let t = std::time::Instant::now();
+        dp.upsert(&want).unwrap();
+        fast.push(t.elapsed());
+        let table = dp.maglev_table(&want.key).unwrap();
+        let expect: Vec<_> = want.maglev.iter().map(|&i| want.backends[i as usize]).collect();
+        assert_eq!(table, expect, "the flipped-to table holds the new slots");
+        assert_eq!(dp.pool_len().1, 1, "the old table became a dirty spare");
+        dp.maintain().unwrap();
+        assert_eq!(dp.pool_len(), (2, 0), "clean again after a grace period");
+    }
+    // a burst: two changes take the two clean spares, the third finds only dirty ones and
+    // replaces the table in place (a map-in-map update: waits for a grace period)
+    let mut burst = vec![];
+    for n in [5u8, 3, 4] {
+        let t = std::time::Instant::now();
+        dp.upsert(&gen(n)).unwrap();
+        burst.push(t.elapsed());
+        let want = gen(n);
+        let expect: Vec<_> = want.maglev.iter().map(|&i| want.backends[i as usize]).collect();
+        assert_eq!(dp.maglev_table(&want.key).unwrap(), expect);
+    }
+    assert_eq!(dp.pool_len(), (0, 2));
+    dp.maintain().unwrap();
+    let slow = burst[2];
+    println!("backend change (M=16381) with a clean spare: {fast:?}; burst: {burst:?} (the third, in place: {slow:?})");
+    assert_eq!(dp.counter(fjord_datapath::Stat::Error).unwrap(), 0);
 }
