@@ -813,8 +813,9 @@ async fn watch_loop(
             relevant |= cache.apply(&agent.node, &ev.kind, &ev.kv.key, &ev.kv.value, &mut dirty);
             drained += 1;
         }
-        if drained > 0 {
+        if drained >= 8 {
             // a burst (one apply of many objects) is still streaming in: take it whole
+            // (a single apply — a Service and its slice, a few events — is programmed at once)
             // (until a 2 ms gap, at most 250 ms) so it is programmed in few large batches
             let deadline = Instant::now() + Duration::from_millis(250);
             while Instant::now() < deadline {
