@@ -70,8 +70,10 @@ struct Args {
     #[arg(long, env = "FJORD_MAGLEV_TABLE_POOL", default_value_t = 32)]
     maglev_table_pool: u32,
     /// Conntrack entries (LRU: a full table evicts the oldest flows, never refuses new ones).
-    #[arg(long, env = "FJORD_CT_ENTRIES", default_value_t = 262144)]
-    ct_entries: u32,
+    /// Default: derived from memory, one entry per 32 KiB of RAM (power of two, 64Ki..4Mi;
+    /// 24 GiB -> 524288), the same scale `fjordctl tune` uses for nf_conntrack_max.
+    #[arg(long, env = "FJORD_CT_ENTRIES")]
+    ct_entries: Option<u32>,
     /// How the tc programs are attached to interfaces: tc (clsact qdisc + cls_bpf filter;
     /// ~1 ms per interface) or tcx (TCX links, Linux >= 6.6; each waits for an RCU grace
     /// period, 7-43 ms measured).
@@ -300,7 +302,16 @@ async fn run(args: Args) -> Result<()> {
         }
         cfg.max_services = args.max_services;
         cfg.maglev_size = args.maglev_table_size;
-        cfg.ct_entries = args.ct_entries;
+        cfg.ct_entries = match args.ct_entries {
+            Some(n) => n,
+            None => {
+                let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo to size conntrack")?;
+                let mem = fjord_nodetools::host::parse_meminfo(&meminfo).map_err(|e| anyhow::anyhow!("/proc/meminfo: {e}"))?;
+                let n = fjord_nodetools::mapsize::ct_entries_for_memory(mem.total_bytes);
+                info!(ct_entries = n, mem_gib = mem.total_bytes >> 30, "conntrack sized from memory (--ct-entries overrides)");
+                n
+            }
+        };
         cfg.table_pool = args.maglev_table_pool;
         cfg.attach = args.attach_mode.parse().map_err(|e: String| anyhow::anyhow!(e))?;
         cfg.snat_ports = args.snat_port_range;

@@ -627,3 +627,23 @@ fn terminating_backend_drains_and_a_removed_one_resets() {
         }
     });
 }
+
+/// A full conntrack table evicts the oldest flows, it never refuses new ones: 300 connections
+/// (600 entries) through a VIP with room for 64 entries all get answers.
+#[test]
+fn a_full_conntrack_table_evicts_the_oldest_flows_and_never_drops_new_ones() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let topo = Topo::new(2);
+    let mut dp = Datapath::load(fjord_datapath::DatapathConfig { ct_entries: 64, ..pins.config() }).expect("load datapath");
+    attach_all(&mut dp, &topo);
+    let _servers = start_backends(&topo, 1);
+    program(&mut dp, &cluster_ip(&[topo.pods[1].ip]));
+    let client = topo.pods[0].ns.name.clone();
+    let answered = in_netns(&client, || (0..300).filter(|_| tcp_request(tcp_vip()).is_ok_and(|b| b == "b1")).count());
+    assert_eq!(answered, 300, "every new flow is translated although the table is full");
+    let entries = dp.conntrack().unwrap().len();
+    assert!(entries <= 64 + 16, "the LRU stays at its size (per-CPU slack aside): {entries}");
+    assert!(dp.counter(Stat::CtNew).unwrap() >= 300);
+    assert_eq!(dp.counter(Stat::Error).unwrap(), 0, "no update failed");
+}
