@@ -84,22 +84,33 @@ async fn three_nodes_native_routing_pods_talk_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_routing_pods_talk_across_nodes() {
-    let c = TestCluster::up_with(2, "etcd", "vxlan").await;
-    let a = pod::add(&c.state, Some("node1"), "default/a", BTreeMap::new()).await.unwrap();
-    let b = pod::add(&c.state, Some("node2"), "default/b", BTreeMap::new()).await.unwrap();
-    for i in 0..2 {
-        let routes = wait_routes(&c, i, 1).await;
-        let other = &c.state.nodes[1 - i];
-        assert_eq!(routes[0].dst, other.pod_cidr);
-        assert_eq!(routes[0].gateway, Some(other.pod_cidr.network()), "VXLAN route via the remote VTEP address");
+    let c = TestCluster::up_with(3, "etcd", "vxlan").await;
+    let mut pods = vec![];
+    for i in 1..=3 {
+        pods.push(pod::add(&c.state, Some(&format!("node{i}")), &format!("default/p{i}"), BTreeMap::new()).await.unwrap());
+    }
+    for i in 0..3 {
+        let routes = wait_routes(&c, i, 2).await;
+        for r in &routes {
+            let other = c.state.nodes.iter().find(|n| n.pod_cidr == r.dst).expect("a route per other node's PodCIDR");
+            assert_ne!(other.name, c.node_n(i).name);
+            assert_eq!(r.gateway, Some(other.pod_cidr.network()), "VXLAN route via the remote VTEP address");
+        }
         let links = links_in(&netns::path(&c.node_n(i).netns)).await;
         assert!(links.contains(&"vxfjord".to_string()), "{links:?}");
     }
     // The underlay itself has no route to pod addresses: only the tunnel can carry them.
-    let (_, out) = run_in_ns(&netns::path(&c.state.ext_netns), &["ip", "route", "get", &b.ip.unwrap().to_string()]);
+    let (_, out) = run_in_ns(&netns::path(&c.state.ext_netns), &["ip", "route", "get", &pods[1].ip.unwrap().to_string()]);
     assert!(!out.contains("via 172.18"), "{out}");
-    assert_pods_talk(&a, &b, 7101);
-    assert_pods_talk(&b, &a, 7102);
+    let mut port = 7101;
+    for a in 0..3 {
+        for b in 0..3 {
+            if a != b {
+                assert_pods_talk(&pods[a], &pods[b], port);
+                port += 1;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
