@@ -647,3 +647,41 @@ fn a_full_conntrack_table_evicts_the_oldest_flows_and_never_drops_new_ones() {
     assert!(dp.counter(Stat::CtNew).unwrap() >= 300);
     assert_eq!(dp.counter(Stat::Error).unwrap(), 0, "no update failed");
 }
+
+/// sessionAffinity ClientIP: a client sticks to one backend while it keeps coming within the
+/// timeout; after the timeout its next flow is balanced by Maglev again (no affinity hit).
+#[test]
+fn session_affinity_sticks_within_the_timeout_and_expires_after_it() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let topo = Topo::new(4);
+    let mut dp = Datapath::load(pins.config()).expect("load datapath");
+    attach_all(&mut dp, &topo);
+    let _servers = start_backends(&topo, 3);
+    let backends: Vec<Backend> = topo.pods[1..].iter().map(|p| Backend::ready(p.ip, TCP_TARGET)).collect();
+    let mut fe = Frontend::new(VIP, 80, Protocol::Tcp, backends);
+    fe.options.affinity_timeout = Some(1);
+    program(&mut dp, &translate(&Service { name: "default/sticky".into(), frontends: vec![fe] }, &lbcfg()).unwrap());
+    let client = topo.pods[0].ns.name.clone();
+    let c2 = client.clone();
+    let first: Vec<String> = in_netns(&client, || (0..30).map(|_| tcp_request(tcp_vip()).unwrap()).collect());
+    assert!(first.iter().all(|b| b == &first[0]), "one backend for the client within the timeout: {first:?}");
+    assert!(dp.counter(Stat::Affinity).unwrap() >= 29);
+    std::thread::sleep(Duration::from_millis(1600));
+    let hits = dp.counter(Stat::Affinity).unwrap();
+    in_netns(&c2, || tcp_request(tcp_vip()).unwrap());
+    assert_eq!(dp.counter(Stat::Affinity).unwrap(), hits, "an expired affinity is not followed");
+    // removing the sticky backend sends the client elsewhere at once
+    let stuck = first[0].clone();
+    let rest: Vec<Backend> = topo.pods[1..]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| format!("b{}", i + 1) != stuck)
+        .map(|(_, p)| Backend::ready(p.ip, TCP_TARGET))
+        .collect();
+    let mut fe = Frontend::new(VIP, 80, Protocol::Tcp, rest);
+    fe.options.affinity_timeout = Some(1);
+    program(&mut dp, &translate(&Service { name: "default/sticky".into(), frontends: vec![fe] }, &lbcfg()).unwrap());
+    let after: Vec<String> = in_netns(&client, || (0..10).map(|_| tcp_request(tcp_vip()).unwrap()).collect());
+    assert!(after.iter().all(|b| b != &stuck && b == &after[0]), "a new sticky backend among the rest: {after:?}");
+}
