@@ -436,6 +436,17 @@ spec:
   selector: {app: np}
   internalTrafficPolicy: Local
   ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  selector: {app: np}
+  ports: [{port: 8443, targetPort: 8080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 172.18.100.2}]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,8 +475,10 @@ async fn nodeport_across_nodes(routing: &str) {
     let ext = netns::path(&c.state.ext_netns);
     let ext_ip = c.state.ext_address.to_string();
     // the external IP is routed to node 0 (as a router or BGP speaker would)
-    let (code, out) = run_in_ns(&ext, &["ip", "route", "add", "172.18.100.1/32", "via", &n0.address.to_string()]);
-    assert_eq!(code, 0, "{out}");
+    for ip in ["172.18.100.1/32", "172.18.100.2/32"] {
+        let (code, out) = run_in_ns(&ext, &["ip", "route", "add", ip, "via", &n0.address.to_string()]);
+        assert_eq!(code, 0, "{out}");
+    }
 
     // Both endpoints known on both nodes.
     for i in 0..2 {
@@ -509,6 +522,9 @@ async fn nodeport_across_nodes(routing: &str) {
     }
     // externalIPs are frontends too.
     let (n, _) = who(&ext, "172.18.100.1:80".parse().unwrap()).expect("externalIP from outside");
+    assert!(n == "be0" || n == "be1");
+    // ... and so are status.loadBalancer.ingress IPs.
+    let (n, _) = who(&ext, "172.18.100.2:8443".parse().unwrap()).expect("LoadBalancer ingress IP from outside");
     assert!(n == "be0" || n == "be1");
     // internalTrafficPolicy Local: a client on node 0 only reaches node 0's endpoint.
     let itp = vip_of(&c.client().services().await.unwrap(), "itp");
