@@ -64,6 +64,15 @@ struct Args {
     /// Store mode: the address Gateways report in status.addresses (default: --listen-address).
     #[arg(long, env = "FJORD_GATEWAY_STATUS_ADDRESS")]
     status_address: Option<IpAddr>,
+    /// Store mode: several instances (and agents with --gateway) on one store all serve traffic
+    /// and elect one status writer with the store lease /fjord/v1/leases/gateway-status held
+    /// under this name (default: HOSTNAME-PID).
+    #[arg(long, env = "FJORD_GATEWAY_IDENTITY")]
+    identity: Option<String>,
+    /// Store mode: lease duration of the status writer election (seconds); a writer that stops
+    /// without resigning is replaced after this long.
+    #[arg(long, env = "FJORD_GATEWAY_STATUS_LEASE_TTL", default_value_t = 15)]
+    status_lease_ttl_secs: u64,
     /// IP address the Gateway listeners bind (ports come from the listeners).
     #[arg(long, env = "FJORD_GATEWAY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     listen_address: IpAddr,
@@ -198,11 +207,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lb_policy,
         ..Default::default()
     });
+    let mut elector = None;
     if let Some(url) = &args.store {
         let store = fjord_store::open(url).await.with_context(|| format!("opening --store {url}"))?;
         let address = args.status_address.unwrap_or(args.listen_address);
-        tokio::spawn(fjord_gateway::controller::Controller::new(store, gw.clone(), address).run());
-        tracing::info!(store = %url, %address, "store mode: serving Gateway API objects from the store");
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let ttl = Duration::from_secs(args.status_lease_ttl_secs.max(1));
+        let e = fjord_gateway::leader::Elector::spawn(store.clone(), fjord_gateway::leader::STATUS_LEASE_KEY, &identity, ttl);
+        tokio::spawn(fjord_gateway::controller::Controller::new(store, gw.clone(), address).with_leadership(e.leadership()).run());
+        elector = Some(e);
+        tracing::info!(store = %url, %address, identity, "store mode: serving Gateway API objects from the store");
     } else {
         load_and_apply(&args, &gw).await?;
     }
@@ -236,6 +253,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!(grace_secs = args.shutdown_grace_secs, "shutting down");
+    if let Some(e) = elector {
+        e.resign().await;
+    }
     gw.shutdown(Duration::from_secs(args.shutdown_grace_secs)).await;
     Ok(())
 }
