@@ -435,23 +435,38 @@ fn self_signed(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     (crt, key)
 }
 
-/// A `kubernetes.io/tls` Secret manifest (base64 `data`, as `kubectl create secret tls` writes it).
-fn tls_secret(ns: &str, name: &str, crt: &Path, key: &Path) -> String {
-    fn b64(b: &[u8]) -> String {
-        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut s = String::new();
-        for c in b.chunks(3) {
-            let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-            for i in 0..4 {
-                if i <= c.len() {
-                    s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    s.push('=');
-                }
+fn b64_decode(s: &str) -> Vec<u8> {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let (mut out, mut acc, mut bits) = (vec![], 0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        acc = acc << 6 | A.iter().position(|a| *a == c).unwrap_or(0) as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn b64(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
             }
         }
-        s
     }
+    s
+}
+
+/// A `kubernetes.io/tls` Secret manifest (base64 `data`, as `kubectl create secret tls` writes it).
+fn tls_secret(ns: &str, name: &str, crt: &Path, key: &Path) -> String {
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
         b64(&std::fs::read(crt).unwrap()),
@@ -645,4 +660,109 @@ spec:
     let (code, out) = curl_tls(&ext, addr, "secure.example", HTTPS_PORT, &crt_a, "/v1/still", true);
     assert_eq!(code, 0, "{out}");
     println!("https: SNI x2, ALPN h2/http1.1, RefNotPermitted, InvalidCertificateRef, grant + late Secret: ok ({out})");
+}
+
+/// Both nodes of a 2-node etcd cluster run the gateway (`--gateway` on every agent); backend
+/// pods: v1a on node2, v2a on node1. Requests from the external namespace to either node's
+/// address reach both (node1's gateway → v1a crosses to node2). Exactly one agent holds the
+/// status lease and writes status; when it is killed, the other takes over after the lease TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_two_nodes_gateway_on_both_cross_node_backend_one_status_writer() {
+    let args = ["--gateway", "--gateway-status-lease-ttl", "3s"].map(String::from).to_vec();
+    let c = TestCluster::up_full(2, "etcd", "native", args).await;
+    let mut procs = Procs::default();
+    for (name, v, node) in [("v1a", "v1", "node2"), ("v2a", "v2", "node1")] {
+        let labels: BTreeMap<String, String> = [("app".to_string(), "backend".to_string()), ("version".to_string(), v.to_string())].into();
+        let node_name = c.state.nodes.iter().find(|n| n.name == node).map(|n| n.name.clone()).unwrap_or_else(|| panic!("no {node}"));
+        let p = pod::add(&c.state, Some(&node_name), &format!("backend/{name}"), labels).await.unwrap();
+        assert_eq!(p.node, node_name);
+        echo_in(&mut procs, &p);
+    }
+    let (code, out, err) = apply(&c, SEED);
+    assert_eq!(code, 0, "apply: {out}{err}");
+    let ext = netns::path(&c.state.ext_netns);
+    let addrs: Vec<SocketAddr> = (0..2).map(|i| SocketAddr::new(c.node_n(i).address.into(), GW_PORT)).collect();
+    for gw in &addrs {
+        let ok = eventually(Duration::from_secs(30), || {
+            let ext = ext.clone();
+            let gw = *gw;
+            async move {
+                let mut conn = Conn::open(&ext, gw).await.ok()?;
+                let mut seen = std::collections::BTreeSet::new();
+                for _ in 0..40 {
+                    let (st, p) = conn.get("/api/v2/ready").await.ok()?;
+                    if st == 200 {
+                        seen.insert(p?);
+                    }
+                }
+                (seen.len() == 2).then_some(())
+            }
+        })
+        .await;
+        assert!(ok.is_some(), "gateway at {gw} never served both backends; agent log:\n{}", agent_log(&c));
+    }
+    // node1's gateway: 1,000 requests, all answered, the 90% share by the pod on node2
+    let mut conn = Conn::open(&ext, addrs[0]).await.unwrap();
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for i in 0..1000 {
+        let (st, p) = conn.get(&format!("/api/v2/items/{i}")).await.unwrap();
+        assert_eq!(st, 200, "request {i}");
+        *counts.entry(p.unwrap_or_default()).or_default() += 1;
+    }
+    println!("etcd cluster, node1's gateway, 1000 requests: {counts:?}");
+    assert!(counts.get("v1a").copied().unwrap_or(0) > 800 && counts.get("v2a").copied().unwrap_or(0) > 50, "{counts:?}");
+    assert_eq!(conn.get("/nope").await.unwrap().0, 404);
+
+    // One status writer: the lease names one node, the Gateway's status its address.
+    let gw_status_addr = || async {
+        let (code, out, _) = fjordctl(&c, &["get", "gateways", "external-gateway", "-n", "backend", "-o", "json"]);
+        (code == 0).then_some(())?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v[0]["status"]["addresses"][0]["value"].as_str().map(str::to_string)
+    };
+    let first = eventually(Duration::from_secs(15), gw_status_addr).await.expect("gateway status written");
+    let leader = c.state.nodes.iter().position(|n| n.address.to_string() == first).unwrap_or_else(|| panic!("status address {first} is no node's"));
+    // Read the lease record from etcd itself (its JSON gateway, from the external namespace).
+    let endpoint = c.state.etcd.as_ref().expect("etcd cluster").endpoint.clone();
+    let holder = eventually(Duration::from_secs(10), || async {
+        let body = format!("{{\"key\":\"{}\"}}", b64(b"/fjord/v1/leases/gateway-status"));
+        let (code, out) = run_in_ns(&ext, &["curl", "-sS", "-m", "5", "-X", "POST", &format!("{endpoint}/v3/kv/range"), "-d", &body]);
+        (code == 0).then_some(())?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let value = b64_decode(v["kvs"][0]["value"].as_str()?);
+        let rec: serde_json::Value = serde_json::from_slice(&value).ok()?;
+        rec["holderIdentity"].as_str().map(str::to_string)
+    })
+    .await
+    .expect("status lease held in etcd");
+    assert_eq!(holder, c.node_n(leader).name, "the lease holder writes the status");
+    let conds = route_conditions(&c, "backend", "production-traffic-split");
+    assert_eq!(conds["Accepted"]["status"], "True", "{conds:?}");
+
+    // The leader's agent dies: the other node's gateway takes over the status (its address)
+    // and keeps serving its own backend.
+    c.kill_agent(leader).await;
+    let other = 1 - leader;
+    let t0 = Instant::now();
+    let took = eventually(Duration::from_secs(30), || async { (gw_status_addr().await? == c.node_n(other).address.to_string()).then_some(()) }).await;
+    assert!(took.is_some(), "status writer never moved to {}; status address {:?}", c.node_n(other).name, gw_status_addr().await);
+    println!("status writer moved from {} to {} {:.1} s after the kill (lease TTL 3 s)", c.node_n(leader).name, c.node_n(other).name, t0.elapsed().as_secs_f64());
+    let own_pod = if c.node_n(other).name == "node2" { "v1a" } else { "v2a" };
+    let served = eventually(Duration::from_secs(20), || {
+        let ext = ext.clone();
+        let gw = addrs[other];
+        async move {
+            let mut conn = Conn::open(&ext, gw).await.ok()?;
+            for _ in 0..20 {
+                if let Ok((200, Some(p))) = conn.get("/api/v2/after").await {
+                    if p == own_pod {
+                        return Some(());
+                    }
+                }
+            }
+            None
+        }
+    })
+    .await;
+    assert!(served.is_some(), "the surviving gateway no longer serves {own_pod}");
 }
