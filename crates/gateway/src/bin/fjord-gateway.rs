@@ -92,7 +92,8 @@ struct Args {
     /// Seconds to let open requests finish on SIGTERM/SIGINT.
     #[arg(long, env = "FJORD_GATEWAY_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace_secs: u64,
-    /// Worker threads (default: number of CPUs).
+    /// Worker threads (default: number of CPUs), like nginx's worker_processes: each worker is a
+    /// single-threaded runtime with its own SO_REUSEPORT socket per listener port.
     #[arg(long, env = "FJORD_GATEWAY_WORKERS")]
     workers: Option<usize>,
     /// How a request picks an endpoint of a Service: round-robin, or least-request (power of
@@ -181,21 +182,26 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&status_json(&out.status))?);
         return Ok(());
     }
-    // One worker: a single-threaded runtime (no work-stealing overhead, like one nginx worker).
-    let mut rt = match args.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(w) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(w.max(1));
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    rt.enable_all();
-    rt.build().context("starting the tokio runtime")?.block_on(run(args))
+    // nginx's model: N workers, each a single-threaded runtime on its own thread with its own
+    // SO_REUSEPORT socket per listener port (no work stealing, no cross-thread wake-ups).
+    // The main thread is worker 0 and also runs the config/store side.
+    let n = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let mut handles = Vec::new();
+    for i in 1..n {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a worker runtime")?;
+        handles.push(rt.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("fjord-gw-worker-{i}"))
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .context("starting a worker thread")?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    let mut workers = vec![rt.handle().clone()];
+    workers.extend(handles);
+    rt.block_on(run(args, if n > 1 { workers } else { Vec::new() }))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let lb_policy = match args.lb {
         Lb::RoundRobin => fjord_gateway::LbPolicy::RoundRobin,
@@ -205,6 +211,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen_ip: args.listen_address,
         access_log: !args.no_access_log,
         lb_policy,
+        workers,
         ..Default::default()
     });
     let mut elector = None;
