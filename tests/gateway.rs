@@ -665,7 +665,8 @@ spec:
 /// Both nodes of a 2-node etcd cluster run the gateway (`--gateway` on every agent); backend
 /// pods: v1a on node2, v2a on node1. Requests from the external namespace to either node's
 /// address reach both (node1's gateway → v1a crosses to node2). Exactly one agent holds the
-/// status lease and writes status; when it is killed, the other takes over after the lease TTL.
+/// status lease and writes status (listing both nodes' addresses); when it is killed, the
+/// other takes over after the lease TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_two_nodes_gateway_on_both_cross_node_backend_one_status_writer() {
     let args = ["--gateway", "--gateway-status-lease-ttl", "3s"].map(String::from).to_vec();
@@ -713,18 +714,21 @@ async fn etcd_two_nodes_gateway_on_both_cross_node_backend_one_status_writer() {
     assert!(counts.get("v1a").copied().unwrap_or(0) > 800 && counts.get("v2a").copied().unwrap_or(0) > 50, "{counts:?}");
     assert_eq!(conn.get("/nope").await.unwrap().0, 404);
 
-    // One status writer: the lease names one node, the Gateway's status its address.
-    let gw_status_addr = || async {
+    // One status writer: the lease in etcd names one node; the status it writes lists both
+    // nodes' addresses (every gateway instance registers its own).
+    let gw_status_addrs = || async {
         let (code, out, _) = fjordctl(&c, &["get", "gateways", "external-gateway", "-n", "backend", "-o", "json"]);
         (code == 0).then_some(())?;
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-        v[0]["status"]["addresses"][0]["value"].as_str().map(str::to_string)
+        Some(v[0]["status"]["addresses"].as_array()?.iter().filter_map(|a| a["value"].as_str().map(str::to_string)).collect::<Vec<_>>())
     };
-    let first = eventually(Duration::from_secs(15), gw_status_addr).await.expect("gateway status written");
-    let leader = c.state.nodes.iter().position(|n| n.address.to_string() == first).unwrap_or_else(|| panic!("status address {first} is no node's"));
+    let mut all: Vec<String> = c.state.nodes.iter().map(|n| n.address.to_string()).collect();
+    all.sort();
+    let listed = eventually(Duration::from_secs(15), || async { (gw_status_addrs().await? == all).then_some(()) }).await;
+    assert!(listed.is_some(), "status.addresses {:?}, want {all:?}", gw_status_addrs().await);
     // Read the lease record from etcd itself (its JSON gateway, from the external namespace).
     let endpoint = c.state.etcd.as_ref().expect("etcd cluster").endpoint.clone();
-    let holder = eventually(Duration::from_secs(10), || async {
+    let holder = || async {
         let body = format!("{{\"key\":\"{}\"}}", b64(b"/fjord/v1/leases/gateway-status"));
         let (code, out) = run_in_ns(&ext, &["curl", "-sS", "-m", "5", "-X", "POST", &format!("{endpoint}/v3/kv/range"), "-d", &body]);
         (code == 0).then_some(())?;
@@ -732,20 +736,27 @@ async fn etcd_two_nodes_gateway_on_both_cross_node_backend_one_status_writer() {
         let value = b64_decode(v["kvs"][0]["value"].as_str()?);
         let rec: serde_json::Value = serde_json::from_slice(&value).ok()?;
         rec["holderIdentity"].as_str().map(str::to_string)
-    })
-    .await
-    .expect("status lease held in etcd");
-    assert_eq!(holder, c.node_n(leader).name, "the lease holder writes the status");
+    };
+    let first = eventually(Duration::from_secs(10), holder).await.expect("status lease held in etcd");
+    let leader = c.state.nodes.iter().position(|n| n.name == first).unwrap_or_else(|| panic!("lease holder {first} is no node"));
+    let log = std::fs::read_to_string(c.node_n(leader).dir.join("agent.log")).unwrap_or_default();
+    assert!(log.contains("leader election: acquired"), "the holder's agent logged its election");
+    let other_log = std::fs::read_to_string(c.node_n(1 - leader).dir.join("agent.log")).unwrap_or_default();
+    assert!(!other_log.contains("leader election: acquired"), "only one agent was elected");
     let conds = route_conditions(&c, "backend", "production-traffic-split");
     assert_eq!(conds["Accepted"]["status"], "True", "{conds:?}");
 
-    // The leader's agent dies: the other node's gateway takes over the status (its address)
-    // and keeps serving its own backend.
+    // The leader's agent dies: the other node's agent takes over the lease, and the status it
+    // writes lists only its own address once the dead instance's registration expired.
     c.kill_agent(leader).await;
     let other = 1 - leader;
     let t0 = Instant::now();
-    let took = eventually(Duration::from_secs(30), || async { (gw_status_addr().await? == c.node_n(other).address.to_string()).then_some(()) }).await;
-    assert!(took.is_some(), "status writer never moved to {}; status address {:?}", c.node_n(other).name, gw_status_addr().await);
+    let want = vec![c.node_n(other).address.to_string()];
+    let took = eventually(Duration::from_secs(30), || async {
+        (holder().await? == c.node_n(other).name && gw_status_addrs().await? == want).then_some(())
+    })
+    .await;
+    assert!(took.is_some(), "status writer never moved to {}; holder {:?}, status addresses {:?}", c.node_n(other).name, holder().await, gw_status_addrs().await);
     println!("status writer moved from {} to {} {:.1} s after the kill (lease TTL 3 s)", c.node_n(leader).name, c.node_n(other).name, t0.elapsed().as_secs_f64());
     let own_pod = if c.node_n(other).name == "node2" { "v1a" } else { "v2a" };
     let served = eventually(Duration::from_secs(20), || {

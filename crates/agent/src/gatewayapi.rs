@@ -67,7 +67,8 @@ pub async fn list_with_status(store: &dyn Store, resource: &str) -> Result<Vec<s
 /// address the listeners bind; `address` is what Gateways report in `status.addresses`.
 /// Every agent with `--gateway` serves traffic; they elect one status writer among themselves
 /// (and any `fjord-gateway --store`) with the lease [`fjord_gateway::leader::STATUS_LEASE_KEY`]
-/// held as `identity` (the node name). Resign the returned elector on shutdown.
+/// held as `identity` (the node name); each registers its address, and the writer lists all
+/// of them in `Gateway.status.addresses`. Resign the returned elector on shutdown.
 pub fn start(
     store: Arc<dyn Store>,
     listen: IpAddr,
@@ -77,7 +78,7 @@ pub fn start(
 ) -> (fjord_gateway::Gateway, fjord_gateway::leader::Elector) {
     let gw = fjord_gateway::Gateway::new(fjord_gateway::GatewayOptions { listen_ip: listen, ..Default::default() });
     let elector = fjord_gateway::leader::Elector::spawn(store.clone(), fjord_gateway::leader::STATUS_LEASE_KEY, identity, lease_ttl);
-    let ctl = fjord_gateway::controller::Controller::new(store, gw.clone(), address).with_leadership(elector.leadership());
+    let ctl = fjord_gateway::controller::Controller::new(store, gw.clone(), address).with_leadership(elector.leadership()).with_instance(identity, lease_ttl);
     tokio::spawn(ctl.run());
     (gw, elector)
 }

@@ -131,9 +131,14 @@ impl Snapshot {
     }
 }
 
+/// Every running gateway instance registers its address here (under a lease), so the status
+/// writer can list all of them in `Gateway.status.addresses`.
+pub const INSTANCES_PREFIX: &str = "/fjord/v1/gateway-instances/";
+
 /// Is a changed key one the gateway depends on?
 pub fn relevant_key(k: &str) -> bool {
-    keys::EXTENSION_RESOURCES.iter().any(|r| k.starts_with(&keys::resource_prefix(r)))
+    k.starts_with(INSTANCES_PREFIX)
+        || keys::EXTENSION_RESOURCES.iter().any(|r| k.starts_with(&keys::resource_prefix(r)))
         || k.starts_with(&keys::services_prefix())
         || k.starts_with(&keys::endpointslices_prefix())
 }
@@ -159,17 +164,28 @@ pub struct Controller {
     leadership: Option<Leadership>,
     /// Status records this instance wrote or deleted (for tests and metrics).
     status_writes: Arc<std::sync::atomic::AtomicU64>,
+    /// (identity, lease TTL) under which this instance registers its address.
+    instance: Option<(String, Duration)>,
 }
 
 impl Controller {
     pub fn new(store: Arc<dyn Store>, gw: Gateway, address: IpAddr) -> Self {
-        Controller { store, gw, address, synced: Default::default(), leadership: None, status_writes: Default::default() }
+        Controller { store, gw, address, synced: Default::default(), leadership: None, status_writes: Default::default(), instance: None }
     }
 
     /// Write status only while `leadership` leads (see [`crate::leader`]); without this the
     /// controller assumes it is the only instance and always writes.
     pub fn with_leadership(mut self, leadership: Leadership) -> Self {
         self.leadership = Some(leadership);
+        self
+    }
+
+    /// Register this instance's address under [`INSTANCES_PREFIX`]`<identity>` with a store lease
+    /// of `ttl` while [`Controller::run`] runs; the status writer reports the addresses of all
+    /// registered instances in `Gateway.status.addresses` (an instance that stops leaves after
+    /// `ttl`).
+    pub fn with_instance(mut self, identity: &str, ttl: Duration) -> Self {
+        self.instance = Some((identity.to_string(), ttl));
         self
     }
 
@@ -202,10 +218,20 @@ impl Controller {
             }
         };
         let status = mark_unavailable(status, &snap.objects, &unavailable);
+        let mut addresses = vec![self.address];
+        if self.instance.is_some() {
+            for kv in self.store.list(INSTANCES_PREFIX).await?.kvs {
+                if let Some(a) = serde_json::from_slice::<serde_json::Value>(&kv.value).ok().and_then(|v| v["address"].as_str()?.parse().ok()) {
+                    addresses.push(a);
+                }
+            }
+        }
+        addresses.sort();
+        addresses.dedup();
         let status_writes = match &self.leadership {
-            None => self.write_status(&status, None).await?,
+            None => self.write_status(&status, &addresses, None).await?,
             Some(l) => match l.current() {
-                Some(fence) => self.write_status(&status, Some(&fence)).await?,
+                Some(fence) => self.write_status(&status, &addresses, Some(&fence)).await?,
                 None => 0,
             },
         };
@@ -225,7 +251,7 @@ impl Controller {
     /// Write changed status records and remove those of objects that are gone (also objects
     /// deleted while no instance was writing), in one transaction, fenced by the leader lease
     /// when there is one. `lastTransitionTime` is kept while a condition's status does not change.
-    async fn write_status(&self, st: &StatusReport, fence: Option<&Fence>) -> anyhow::Result<usize> {
+    async fn write_status(&self, st: &StatusReport, addresses: &[IpAddr], fence: Option<&Fence>) -> anyhow::Result<usize> {
         let now = fjord_model::objects::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
         let mut want: BTreeMap<String, serde_json::Value> = BTreeMap::new();
         for (name, s) in &st.gateway_classes {
@@ -234,7 +260,7 @@ impl Controller {
         for (key, s) in &st.gateways {
             let (ns, name) = key.split_once('/').unwrap_or(("default", key));
             let mut v = serde_json::to_value(s)?;
-            v["addresses"] = serde_json::json!([{ "type": "IPAddress", "value": self.address.to_string() }]);
+            v["addresses"] = addresses.iter().map(|a| serde_json::json!({ "type": "IPAddress", "value": a.to_string() })).collect();
             want.insert(keys::status("gateways", ns, name), v);
         }
         for (key, s) in &st.http_routes {
@@ -280,6 +306,9 @@ impl Controller {
     /// Sync, then watch and sync on every relevant change, forever. Store errors (etcd away,
     /// compaction) are retried with backoff after a fresh list; the running table keeps serving.
     pub async fn run(self) {
+        let _presence = self.instance.clone().map(|(identity, ttl)| {
+            AbortOnDrop(tokio::spawn(register_instance(self.store.clone(), identity, self.address, ttl)))
+        });
         let mut backoff = Duration::from_millis(100);
         let mut lead = self.leadership.clone();
         loop {
@@ -320,6 +349,35 @@ impl Controller {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keep `INSTANCES_PREFIX<identity>` → `{"identity", "address"}` in the store under a lease
+/// of `ttl`, renewed every ttl/3; re-registered if the lease is lost.
+async fn register_instance(store: Arc<dyn Store>, identity: String, address: IpAddr, ttl: Duration) {
+    let key = format!("{INSTANCES_PREFIX}{identity}");
+    let value = serde_json::to_vec(&serde_json::json!({ "identity": identity, "address": address.to_string() })).expect("JSON");
+    loop {
+        let r: anyhow::Result<()> = async {
+            let lease = store.grant_lease(ttl).await?;
+            store.put(&key, value.clone(), Some(lease)).await?;
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                store.keep_alive(lease).await?;
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(key, error = %format!("{e:#}"), "gateway instance registration lost; registering again");
+            tokio::time::sleep(ttl / 6).await;
         }
     }
 }
@@ -538,9 +596,10 @@ endpoints:
     }
 
     /// Two gateway instances on one store (as two agents with `--gateway`, or an agent and
-    /// `fjord-gateway --store`): both serve traffic, exactly one writes status. When it stops
-    /// without resigning (a crash), the other takes over after the lease TTL, writes its view
-    /// (its own address) and removes the status of a route deleted while nobody was writing.
+    /// `fjord-gateway --store`): both serve traffic, exactly one writes status, and it lists
+    /// both instances' addresses. When it stops without resigning (a crash), the other takes
+    /// over after the lease TTL, the dead instance's address leaves `status.addresses`, and the
+    /// status of a route deleted while nobody was writing is removed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_instances_one_status_writer_and_take_over() {
         let dir = tempfile::tempdir().unwrap();
@@ -558,7 +617,7 @@ endpoints:
             let ip: IpAddr = ip.parse().unwrap();
             let gw = Gateway::new(crate::proxy::GatewayOptions { listen_ip: ip, access_log: false, ..Default::default() });
             let elector = crate::leader::Elector::spawn(store.clone(), crate::leader::STATUS_LEASE_KEY, id, ttl);
-            let ctl = Controller::new(store.clone(), gw.clone(), ip).with_leadership(elector.leadership());
+            let ctl = Controller::new(store.clone(), gw.clone(), ip).with_leadership(elector.leadership()).with_instance(id, ttl);
             let writes = ctl.status_writes_total();
             let task = tokio::spawn(ctl.run());
             instances.push((id, ip, gw, elector, writes, task));
@@ -568,14 +627,14 @@ endpoints:
             let addr = SocketAddr::new(*ip, gw_port);
             assert_eq!(until(Duration::from_secs(20), || who_at(addr)).await.as_deref(), Some("one"), "{addr} serves");
         }
-        // exactly one wrote the status; it names its own address
-        let status_addr = until(Duration::from_secs(10), || async {
+        let status_addrs = || async {
             let kv = store.get(&keys::status("gateways", "app", "gw")).await.ok()??;
             let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
-            v["addresses"][0]["value"].as_str().map(str::to_string)
-        })
-        .await
-        .expect("gateway status written");
+            Some(v["addresses"].as_array()?.iter().filter_map(|a| a["value"].as_str().map(str::to_string)).collect::<Vec<_>>())
+        };
+        // the status lists both instances
+        let both = until(Duration::from_secs(10), || async { (status_addrs().await? == ["127.0.0.1", "127.0.0.2"]).then_some(()) }).await;
+        assert!(both.is_some(), "status.addresses: {:?}", status_addrs().await);
         // a few more changes: still only one writer
         for i in 0..3 {
             put_manifests(store.clone(), route_to(&format!("extra{i}"), "one")).await;
@@ -585,7 +644,6 @@ endpoints:
         let counts: Vec<u64> = instances.iter().map(|i| i.4.load(std::sync::atomic::Ordering::Relaxed)).collect();
         assert!((counts[0] > 0) ^ (counts[1] > 0), "exactly one instance writes status: {counts:?}");
         let leader_idx = if counts[0] > 0 { 0 } else { 1 };
-        assert_eq!(status_addr, instances[leader_idx].1.to_string());
         let holder = crate::leader::holder(store.as_ref(), crate::leader::STATUS_LEASE_KEY).await.unwrap().unwrap();
         assert_eq!(holder.holder_identity, instances[leader_idx].0);
 
@@ -598,13 +656,8 @@ endpoints:
         store.delete(&keys::object("httproutes", "app", "doomed")).await.unwrap();
         let (other_id, other_ip, other_gw, other_elector, other_writes, _other_task) = instances.remove(0);
         let t0 = Instant::now();
-        let took_over = until(Duration::from_secs(20), || async {
-            let kv = store.get(&keys::status("gateways", "app", "gw")).await.ok()??;
-            let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
-            (v["addresses"][0]["value"] == other_ip.to_string()).then_some(())
-        })
-        .await;
-        assert!(took_over.is_some(), "the other instance never took over the status");
+        let took_over = until(Duration::from_secs(20), || async { (status_addrs().await? == [other_ip.to_string()]).then_some(()) }).await;
+        assert!(took_over.is_some(), "the other instance never took over the status: {:?}", status_addrs().await);
         println!("status writer take-over: {:.2} s after the leader stopped (lease TTL {} s)", t0.elapsed().as_secs_f64(), ttl.as_secs());
         assert!(other_writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
         assert_eq!(crate::leader::holder(store.as_ref(), crate::leader::STATUS_LEASE_KEY).await.unwrap().unwrap().holder_identity, other_id);
@@ -704,6 +757,8 @@ spec:
     fn relevant_keys() {
         assert!(relevant_key("/fjord/v1/httproutes/a/b"));
         assert!(relevant_key("/fjord/v1/endpointslices/a/b"));
+        assert!(relevant_key("/fjord/v1/gateway-instances/node1"));
+        assert!(!relevant_key("/fjord/v1/leases/gateway-status"));
         assert!(!relevant_key("/fjord/v1/status/httproutes/a/b"));
         assert!(!relevant_key("/fjord/v1/pods/a/b"));
     }

@@ -224,7 +224,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result
         });
         let ttl = Duration::from_secs(args.status_lease_ttl_secs.max(1));
         let e = fjord_gateway::leader::Elector::spawn(store.clone(), fjord_gateway::leader::STATUS_LEASE_KEY, &identity, ttl);
-        tokio::spawn(fjord_gateway::controller::Controller::new(store, gw.clone(), address).with_leadership(e.leadership()).run());
+        tokio::spawn(fjord_gateway::controller::Controller::new(store, gw.clone(), address).with_leadership(e.leadership()).with_instance(&identity, ttl).run());
         elector = Some(e);
         tracing::info!(store = %url, %address, identity, "store mode: serving Gateway API objects from the store");
     } else {
