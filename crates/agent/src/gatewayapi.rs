@@ -12,7 +12,7 @@ use fjord_model::objects::ExtObject;
 use fjord_store::{Op, Store};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn store_err(e: fjord_store::StoreError) -> CniError {
     CniError::new(code::TRY_AGAIN_LATER, "the agent's store failed").details(e.to_string())
@@ -65,9 +65,20 @@ pub async fn list_with_status(store: &dyn Store, resource: &str) -> Result<Vec<s
 
 /// Start the gateway data plane and its store controller on this runtime. `listen` is the
 /// address the listeners bind; `address` is what Gateways report in `status.addresses`.
-pub fn start(store: Arc<dyn Store>, listen: IpAddr, address: IpAddr) -> fjord_gateway::Gateway {
+/// Every agent with `--gateway` serves traffic; they elect one status writer among themselves
+/// (and any `fjord-gateway --store`) with the lease [`fjord_gateway::leader::STATUS_LEASE_KEY`]
+/// held as `identity` (the node name); each registers its address, and the writer lists all
+/// of them in `Gateway.status.addresses`. Resign the returned elector on shutdown.
+pub fn start(
+    store: Arc<dyn Store>,
+    listen: IpAddr,
+    address: IpAddr,
+    identity: &str,
+    lease_ttl: Duration,
+) -> (fjord_gateway::Gateway, fjord_gateway::leader::Elector) {
     let gw = fjord_gateway::Gateway::new(fjord_gateway::GatewayOptions { listen_ip: listen, ..Default::default() });
-    let ctl = fjord_gateway::controller::Controller::new(store, gw.clone(), address);
+    let elector = fjord_gateway::leader::Elector::spawn(store.clone(), fjord_gateway::leader::STATUS_LEASE_KEY, identity, lease_ttl);
+    let ctl = fjord_gateway::controller::Controller::new(store, gw.clone(), address).with_leadership(elector.leadership()).with_instance(identity, lease_ttl);
     tokio::spawn(ctl.run());
-    gw
+    (gw, elector)
 }

@@ -160,6 +160,11 @@ struct Args {
     /// Serve the gateway's Prometheus metrics (per route and backend) at http://ADDR/metrics.
     #[arg(long, env = "FJORD_GATEWAY_METRICS_ADDR")]
     gateway_metrics_addr: Option<std::net::SocketAddr>,
+    /// Gateway status writer election: every --gateway agent serves traffic, the holder of the
+    /// store lease /fjord/v1/leases/gateway-status writes status. A holder that stops without
+    /// resigning is replaced after this long.
+    #[arg(long, env = "FJORD_GATEWAY_STATUS_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    gateway_status_lease_ttl: Duration,
     /// Log format: text or json. Log level from RUST_LOG (default info).
     #[arg(long, env = "FJORD_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -390,10 +395,12 @@ async fn run(args: Args) -> Result<()> {
         });
         tokio::spawn(fjord_agent::health::run_prober(args.node.clone(), agent.nodes.clone(), agent.health.clone(), args.health_interval));
     }
+    let mut gateway_elector = None;
     if args.gateway {
         let address = addresses.first().map(|a| std::net::IpAddr::V4(*a)).or(args.gateway_listen_address).context("--gateway needs a node address")?;
         let listen = args.gateway_listen_address.unwrap_or(address);
-        let gw = fjord_agent::gatewayapi::start(store.clone(), listen, address);
+        let (gw, elector) = fjord_agent::gatewayapi::start(store.clone(), listen, address, &args.node, args.gateway_status_lease_ttl);
+        gateway_elector = Some(elector);
         if let Some(addr) = args.gateway_metrics_addr {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --gateway-metrics-addr {addr}"))?;
             tokio::spawn(fjord_gateway::metrics::serve_metrics(l, gw.metrics()));
@@ -440,6 +447,10 @@ async fn run(args: Args) -> Result<()> {
     };
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("API server")?;
     let _ = std::fs::remove_file(&args.api_socket);
+    if let Some(e) = gateway_elector {
+        // hand the status writer role over now rather than after the lease TTL
+        e.resign().await;
+    }
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use fjord_store::{Op, Store, Txn};
 
 use crate::api::*;
 use crate::config::ObjectSet;
+use crate::leader::{Fence, Leadership};
 use crate::manifest::decode_stored;
 use crate::proxy::{ApplyError, Gateway};
 use crate::resolver::{AppProtocol, BackendResolver, ResolveError, ResolvedBackend};
@@ -130,9 +131,14 @@ impl Snapshot {
     }
 }
 
+/// Every running gateway instance registers its address here (under a lease), so the status
+/// writer can list all of them in `Gateway.status.addresses`.
+pub const INSTANCES_PREFIX: &str = "/fjord/v1/gateway-instances/";
+
 /// Is a changed key one the gateway depends on?
 pub fn relevant_key(k: &str) -> bool {
-    keys::EXTENSION_RESOURCES.iter().any(|r| k.starts_with(&keys::resource_prefix(r)))
+    k.starts_with(INSTANCES_PREFIX)
+        || keys::EXTENSION_RESOURCES.iter().any(|r| k.starts_with(&keys::resource_prefix(r)))
         || k.starts_with(&keys::services_prefix())
         || k.starts_with(&keys::endpointslices_prefix())
 }
@@ -154,11 +160,38 @@ pub struct Controller {
     address: IpAddr,
     /// Revision of the last completed sync (for `synced_revision`).
     synced: Arc<std::sync::atomic::AtomicI64>,
+    /// With several instances on one store: only the elected one writes status.
+    leadership: Option<Leadership>,
+    /// Status records this instance wrote or deleted (for tests and metrics).
+    status_writes: Arc<std::sync::atomic::AtomicU64>,
+    /// (identity, lease TTL) under which this instance registers its address.
+    instance: Option<(String, Duration)>,
 }
 
 impl Controller {
     pub fn new(store: Arc<dyn Store>, gw: Gateway, address: IpAddr) -> Self {
-        Controller { store, gw, address, synced: Default::default() }
+        Controller { store, gw, address, synced: Default::default(), leadership: None, status_writes: Default::default(), instance: None }
+    }
+
+    /// Write status only while `leadership` leads (see [`crate::leader`]); without this the
+    /// controller assumes it is the only instance and always writes.
+    pub fn with_leadership(mut self, leadership: Leadership) -> Self {
+        self.leadership = Some(leadership);
+        self
+    }
+
+    /// Register this instance's address under [`INSTANCES_PREFIX`]`<identity>` with a store lease
+    /// of `ttl` while [`Controller::run`] runs; the status writer reports the addresses of all
+    /// registered instances in `Gateway.status.addresses` (an instance that stops leaves after
+    /// `ttl`).
+    pub fn with_instance(mut self, identity: &str, ttl: Duration) -> Self {
+        self.instance = Some((identity.to_string(), ttl));
+        self
+    }
+
+    /// Status records written or deleted by this instance so far.
+    pub fn status_writes_total(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.status_writes.clone()
     }
 
     /// The store revision the running table reflects (0 before the first sync).
@@ -185,7 +218,23 @@ impl Controller {
             }
         };
         let status = mark_unavailable(status, &snap.objects, &unavailable);
-        let status_writes = self.write_status(&status).await?;
+        let mut addresses = vec![self.address];
+        if self.instance.is_some() {
+            for kv in self.store.list(INSTANCES_PREFIX).await?.kvs {
+                if let Some(a) = serde_json::from_slice::<serde_json::Value>(&kv.value).ok().and_then(|v| v["address"].as_str()?.parse().ok()) {
+                    addresses.push(a);
+                }
+            }
+        }
+        addresses.sort();
+        addresses.dedup();
+        let status_writes = match &self.leadership {
+            None => self.write_status(&status, &addresses, None).await?,
+            Some(l) => match l.current() {
+                Some(fence) => self.write_status(&status, &addresses, Some(&fence)).await?,
+                None => 0,
+            },
+        };
         self.synced.store(revision, std::sync::atomic::Ordering::Relaxed);
         let report = SyncReport { revision, duration: t0.elapsed(), unavailable_ports: unavailable, status_writes };
         tracing::info!(
@@ -199,9 +248,10 @@ impl Controller {
         Ok(report)
     }
 
-    /// Write changed status records and remove those of objects that are gone, in one
-    /// transaction. `lastTransitionTime` is kept while a condition's status does not change.
-    async fn write_status(&self, st: &StatusReport) -> anyhow::Result<usize> {
+    /// Write changed status records and remove those of objects that are gone (also objects
+    /// deleted while no instance was writing), in one transaction, fenced by the leader lease
+    /// when there is one. `lastTransitionTime` is kept while a condition's status does not change.
+    async fn write_status(&self, st: &StatusReport, addresses: &[IpAddr], fence: Option<&Fence>) -> anyhow::Result<usize> {
         let now = fjord_model::objects::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
         let mut want: BTreeMap<String, serde_json::Value> = BTreeMap::new();
         for (name, s) in &st.gateway_classes {
@@ -210,7 +260,7 @@ impl Controller {
         for (key, s) in &st.gateways {
             let (ns, name) = key.split_once('/').unwrap_or(("default", key));
             let mut v = serde_json::to_value(s)?;
-            v["addresses"] = serde_json::json!([{ "type": "IPAddress", "value": self.address.to_string() }]);
+            v["addresses"] = addresses.iter().map(|a| serde_json::json!({ "type": "IPAddress", "value": a.to_string() })).collect();
             want.insert(keys::status("gateways", ns, name), v);
         }
         for (key, s) in &st.http_routes {
@@ -242,7 +292,13 @@ impl Controller {
         }
         let n = ops.len();
         if n > 0 {
-            self.store.txn(Txn::when(vec![]).and_then(ops)).await.context("writing Gateway API status")?;
+            let compares = fence.map(|f| vec![f.compare()]).unwrap_or_default();
+            let r = self.store.txn(Txn::when(compares).and_then(ops)).await.context("writing Gateway API status")?;
+            if !r.succeeded {
+                tracing::warn!("not the status writer any more (the leader lease changed hands); status not written");
+                return Ok(0);
+            }
+            self.status_writes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(n)
     }
@@ -250,7 +306,11 @@ impl Controller {
     /// Sync, then watch and sync on every relevant change, forever. Store errors (etcd away,
     /// compaction) are retried with backoff after a fresh list; the running table keeps serving.
     pub async fn run(self) {
+        let _presence = self.instance.clone().map(|(identity, ttl)| {
+            AbortOnDrop(tokio::spawn(register_instance(self.store.clone(), identity, self.address, ttl)))
+        });
         let mut backoff = Duration::from_millis(100);
+        let mut lead = self.leadership.clone();
         loop {
             let r: anyhow::Result<()> = async {
                 let rev = self.store.current_revision().await?;
@@ -261,9 +321,14 @@ impl Controller {
                     // Ports that could not be bound are retried now and then; everything else
                     // waits for a change.
                     let retry = if report.unavailable_ports.is_empty() { Duration::from_secs(3600) } else { Duration::from_secs(3) };
-                    let ev = match tokio::time::timeout(retry, w.recv()).await {
-                        Err(_) => None,
-                        Ok(ev) => Some(ev.ok_or_else(|| anyhow::anyhow!("watch ended"))??),
+                    // A change of leadership syncs at once: a new leader writes the status
+                    // (and removes stale records) without waiting for the next change.
+                    let ev = tokio::select! {
+                        ev = tokio::time::timeout(retry, w.recv()) => match ev {
+                            Err(_) => None,
+                            Ok(ev) => Some(ev.ok_or_else(|| anyhow::anyhow!("watch ended"))??),
+                        },
+                        _ = leadership_changed(&mut lead) => None,
                     };
                     if let Some(ev) = ev {
                         if !relevant_key(&ev.kv.key) {
@@ -285,6 +350,42 @@ impl Controller {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keep `INSTANCES_PREFIX<identity>` → `{"identity", "address"}` in the store under a lease
+/// of `ttl`, renewed every ttl/3; re-registered if the lease is lost.
+async fn register_instance(store: Arc<dyn Store>, identity: String, address: IpAddr, ttl: Duration) {
+    let key = format!("{INSTANCES_PREFIX}{identity}");
+    let value = serde_json::to_vec(&serde_json::json!({ "identity": identity, "address": address.to_string() })).expect("JSON");
+    loop {
+        let r: anyhow::Result<()> = async {
+            let lease = store.grant_lease(ttl).await?;
+            store.put(&key, value.clone(), Some(lease)).await?;
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                store.keep_alive(lease).await?;
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(key, error = %format!("{e:#}"), "gateway instance registration lost; registering again");
+            tokio::time::sleep(ttl / 6).await;
+        }
+    }
+}
+
+async fn leadership_changed(l: &mut Option<Leadership>) {
+    match l {
+        Some(l) => l.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -436,6 +537,139 @@ endpoints:
 - addresses: [10.244.2.5]
 "#;
 
+
+    /// Write manifests to the store as `fjordctl apply` does (generation carried over).
+    async fn put_manifests(store: Arc<dyn Store>, text: String) {
+        let objs = parse_manifests_with(&text, &ValidationContext::default(), Some(&crate::manifest::GatewayKinds)).unwrap();
+        let mut ops = vec![];
+        for o in objs {
+            let (k, v) = match &o {
+                Object::Service(s) => (keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(s).unwrap()),
+                Object::EndpointSlice(e) => (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(e).unwrap()),
+                Object::Extension(x) => {
+                    let mut x = x.clone();
+                    let key = keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name);
+                    let prev = store.get(&key).await.unwrap();
+                    let prev: Option<serde_json::Value> = prev.map(|kv| serde_json::from_slice(&kv.value).unwrap());
+                    x.carry_over(prev.as_ref(), "2025-01-01T00:00:00Z");
+                    (key, serde_json::to_vec(&x.value).unwrap())
+                }
+            };
+            ops.push(Op::put(k, v));
+        }
+        store.txn(Txn::when(vec![]).and_then(ops)).await.unwrap();
+    }
+
+    fn svc_with_endpoint(name: &str, port: u16) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: app, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n"
+        )
+    }
+
+    fn route_to(name: &str, backend: &str) -> String {
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules:\n  - backendRefs: [{{name: {backend}, port: 80}}]\n")
+    }
+
+    /// GET http://addr/x through a gateway: the echo's pod name.
+    async fn who_at(addr: SocketAddr) -> Option<String> {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let r = client.get(format!("http://{addr}/x").parse().unwrap()).await.ok()?;
+        let body = http_body_util::BodyExt::collect(r.into_body()).await.ok()?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        v["pod"].as_str().map(str::to_string)
+    }
+
+    async fn until<T, F: std::future::Future<Output = Option<T>>>(limit: Duration, mut f: impl FnMut() -> F) -> Option<T> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(v) = f().await {
+                return Some(v);
+            }
+            if t0.elapsed() > limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Two gateway instances on one store (as two agents with `--gateway`, or an agent and
+    /// `fjord-gateway --store`): both serve traffic, exactly one writes status, and it lists
+    /// both instances' addresses. When it stops without resigning (a crash), the other takes
+    /// over after the lease TTL, the dead instance's address leaves `status.addresses`, and the
+    /// status of a route deleted while nobody was writing is removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_instances_one_status_writer_and_take_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fjord_store::open(&format!("embedded:{}", dir.path().join("s.redb").display())).await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_port = l.local_addr().unwrap().port();
+        tokio::spawn(crate::echo::serve_echo(l, crate::echo::EchoOptions { pod: "one".into(), namespace: "app".into() }, std::future::pending::<()>()));
+        let gw_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let gw_yaml = GW.replace("18001", &gw_port.to_string()).replace("  - {name: b, port: 18002, protocol: HTTP}\n", "");
+        put_manifests(store.clone(), format!("{}---\n{gw_yaml}---\n{}---\n{}", svc_with_endpoint("one", echo_port), route_to("r", "one"), route_to("doomed", "one"))).await;
+
+        let ttl = Duration::from_secs(2);
+        let mut instances = vec![];
+        for (id, ip) in [("node-a", "127.0.0.1"), ("node-b", "127.0.0.2")] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let gw = Gateway::new(crate::proxy::GatewayOptions { listen_ip: ip, access_log: false, ..Default::default() });
+            let elector = crate::leader::Elector::spawn(store.clone(), crate::leader::STATUS_LEASE_KEY, id, ttl);
+            let ctl = Controller::new(store.clone(), gw.clone(), ip).with_leadership(elector.leadership()).with_instance(id, ttl);
+            let writes = ctl.status_writes_total();
+            let task = tokio::spawn(ctl.run());
+            instances.push((id, ip, gw, elector, writes, task));
+        }
+        // both serve
+        for (_, ip, ..) in &instances {
+            let addr = SocketAddr::new(*ip, gw_port);
+            assert_eq!(until(Duration::from_secs(20), || who_at(addr)).await.as_deref(), Some("one"), "{addr} serves");
+        }
+        let status_addrs = || async {
+            let kv = store.get(&keys::status("gateways", "app", "gw")).await.ok()??;
+            let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+            Some(v["addresses"].as_array()?.iter().filter_map(|a| a["value"].as_str().map(str::to_string)).collect::<Vec<_>>())
+        };
+        // the status lists both instances
+        let both = until(Duration::from_secs(10), || async { (status_addrs().await? == ["127.0.0.1", "127.0.0.2"]).then_some(()) }).await;
+        assert!(both.is_some(), "status.addresses: {:?}", status_addrs().await);
+        // a few more changes: still only one writer
+        for i in 0..3 {
+            put_manifests(store.clone(), route_to(&format!("extra{i}"), "one")).await;
+        }
+        let extra_done = until(Duration::from_secs(10), || async { store.get(&keys::status("httproutes", "app", "extra2")).await.ok()?.map(|_| ()) }).await;
+        assert!(extra_done.is_some());
+        let counts: Vec<u64> = instances.iter().map(|i| i.4.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        assert!((counts[0] > 0) ^ (counts[1] > 0), "exactly one instance writes status: {counts:?}");
+        let leader_idx = if counts[0] > 0 { 0 } else { 1 };
+        let holder = crate::leader::holder(store.as_ref(), crate::leader::STATUS_LEASE_KEY).await.unwrap().unwrap();
+        assert_eq!(holder.holder_identity, instances[leader_idx].0);
+
+        // the leader crashes: its controller, proxy and elector stop, nothing is cleaned up
+        let (_, _, gw, elector, _, task) = instances.remove(leader_idx);
+        elector.abandon();
+        task.abort();
+        gw.shutdown(Duration::from_millis(100)).await;
+        // a route is deleted while nobody writes status
+        store.delete(&keys::object("httproutes", "app", "doomed")).await.unwrap();
+        let (other_id, other_ip, other_gw, other_elector, other_writes, _other_task) = instances.remove(0);
+        let t0 = Instant::now();
+        let took_over = until(Duration::from_secs(20), || async { (status_addrs().await? == [other_ip.to_string()]).then_some(()) }).await;
+        assert!(took_over.is_some(), "the other instance never took over the status: {:?}", status_addrs().await);
+        println!("status writer take-over: {:.2} s after the leader stopped (lease TTL {} s)", t0.elapsed().as_secs_f64(), ttl.as_secs());
+        assert!(other_writes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert_eq!(crate::leader::holder(store.as_ref(), crate::leader::STATUS_LEASE_KEY).await.unwrap().unwrap().holder_identity, other_id);
+        let stale = until(Duration::from_secs(10), || async { store.get(&keys::status("httproutes", "app", "doomed")).await.ok()?.is_none().then_some(()) }).await;
+        assert!(stale.is_some(), "status of a deleted route is removed by the new leader");
+        assert!(store.get(&keys::status("httproutes", "app", "r")).await.unwrap().is_some());
+        // the survivor still serves
+        assert_eq!(who_at(SocketAddr::new(other_ip, gw_port)).await.as_deref(), Some("one"));
+        other_elector.resign().await;
+        other_gw.shutdown(Duration::from_millis(100)).await;
+    }
+
     #[test]
     fn store_resolver_maps_service_port_to_ready_endpoints_on_the_target_port() {
         let (_, r) = store_objects(SVC);
@@ -523,6 +757,8 @@ spec:
     fn relevant_keys() {
         assert!(relevant_key("/fjord/v1/httproutes/a/b"));
         assert!(relevant_key("/fjord/v1/endpointslices/a/b"));
+        assert!(relevant_key("/fjord/v1/gateway-instances/node1"));
+        assert!(!relevant_key("/fjord/v1/leases/gateway-status"));
         assert!(!relevant_key("/fjord/v1/status/httproutes/a/b"));
         assert!(!relevant_key("/fjord/v1/pods/a/b"));
     }
@@ -555,28 +791,7 @@ spec:
         let route = |backend: &str| {
             format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: app}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules:\n  - backendRefs: [{{name: {backend}, port: 80}}]\n")
         };
-        let put_all = |text: String| {
-            let store = store.clone();
-            async move {
-                let objs = parse_manifests_with(&text, &ValidationContext::default(), Some(&crate::manifest::GatewayKinds)).unwrap();
-                let mut ops = vec![];
-                for o in objs {
-                    let (k, v) = match &o {
-                        Object::Service(s) => (keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(s).unwrap()),
-                        Object::EndpointSlice(e) => (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(e).unwrap()),
-                        Object::Extension(x) => {
-                            let mut x = x.clone();
-                            let prev = store.get(&keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name)).await.unwrap();
-                            let prev: Option<serde_json::Value> = prev.map(|kv| serde_json::from_slice(&kv.value).unwrap());
-                            x.carry_over(prev.as_ref(), "2025-01-01T00:00:00Z");
-                            (keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name), serde_json::to_vec(&x.value).unwrap())
-                        }
-                    };
-                    ops.push(Op::put(k, v));
-                }
-                store.txn(Txn::when(vec![]).and_then(ops)).await.unwrap();
-            }
-        };
+        let put_all = |text: String| put_manifests(store.clone(), text);
         let gw_yaml = GW.replace("18001", &gw_port.to_string()).replace("  - {name: b, port: 18002, protocol: HTTP}\n", "");
         put_all(format!("{}---\n{}---\n{gw_yaml}---\n{}", svc("one", ports[0]), svc("two", ports[1]), route("one"))).await;
 

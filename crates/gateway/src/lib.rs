@@ -26,6 +26,7 @@ pub mod api;
 pub mod config;
 pub mod controller;
 pub mod echo;
+pub mod leader;
 pub mod manifest;
 pub mod matching;
 pub mod metrics;

@@ -5,6 +5,12 @@ use std::time::Duration;
 
 /// Normalise a `Host` header / `:authority`: drop the port, lowercase, drop a trailing dot.
 pub fn normalize_host(host: &str) -> String {
+    normalize_host_cow(host).into_owned()
+}
+
+/// [`normalize_host`] without allocating when the host is already lower case (the usual case
+/// on the request path).
+pub fn normalize_host_cow(host: &str) -> std::borrow::Cow<'_, str> {
     let h = if host.starts_with('[') {
         // IPv6 literal: keep brackets, drop port.
         match host.find(']') {
@@ -17,7 +23,12 @@ pub fn normalize_host(host: &str) -> String {
             None => host,
         }
     };
-    h.trim_end_matches('.').to_ascii_lowercase()
+    let h = h.trim_end_matches('.');
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(h)
+    }
 }
 
 /// Does a hostname pattern (`foo.example.com` or `*.example.com`) match a concrete host?

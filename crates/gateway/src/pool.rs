@@ -31,10 +31,22 @@ pub enum PoolError {
     Http(SocketAddr, hyper::Error),
 }
 
+/// Idle connections per endpoint, and per thread with one runtime per worker thread (a
+/// connection's task runs on the runtime that opened it: reusing it only on that thread
+/// avoids cross-thread wake-ups per request).
+type IdleKey = (Option<std::thread::ThreadId>, SocketAddr);
+
 struct Shared {
-    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<ProxyBody>>>>,
+    idle: Mutex<HashMap<IdleKey, Vec<SendRequest<ProxyBody>>>>,
     max_idle_per_endpoint: usize,
     connect_timeout: Duration,
+    per_thread: bool,
+}
+
+impl Shared {
+    fn key(&self, ep: SocketAddr) -> IdleKey {
+        (self.per_thread.then(|| std::thread::current().id()), ep)
+    }
 }
 
 /// HTTP/1.1 keep-alive pool. Cheap to clone.
@@ -44,15 +56,16 @@ pub struct H1Pool {
 }
 
 impl H1Pool {
-    pub fn new(max_idle_per_endpoint: usize, connect_timeout: Duration) -> Self {
+    /// `per_thread`: keep idle connections per thread (with one runtime per worker thread).
+    pub fn new(max_idle_per_endpoint: usize, connect_timeout: Duration, per_thread: bool) -> Self {
         H1Pool {
-            shared: Arc::new(Shared { idle: Mutex::new(HashMap::new()), max_idle_per_endpoint, connect_timeout }),
+            shared: Arc::new(Shared { idle: Mutex::new(HashMap::new()), max_idle_per_endpoint, connect_timeout, per_thread }),
         }
     }
 
     fn checkout(&self, ep: SocketAddr) -> Option<SendRequest<ProxyBody>> {
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&ep)?;
+        let list = idle.get_mut(&self.shared.key(ep))?;
         while let Some(s) = list.pop() {
             if !s.is_closed() {
                 return Some(s);
@@ -66,7 +79,7 @@ impl H1Pool {
             return;
         }
         let mut idle = shared.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(ep).or_default();
+        let list = idle.entry(shared.key(ep)).or_default();
         if list.len() < shared.max_idle_per_endpoint {
             list.push(s);
         }
@@ -78,7 +91,7 @@ impl H1Pool {
             .map_err(|_| PoolError::ConnectTimeout(ep))?
             .map_err(|e| PoolError::Connect(ep, e))?;
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| PoolError::Http(ep, e))?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new().writev(false).handshake(TokioIo::new(tcp)).await.map_err(|e| PoolError::Http(ep, e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(endpoint = %ep, error = %e, "backend connection closed with error");

@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use crate::matching::{normalize_host, parse_query, replace_prefix};
+use crate::matching::{normalize_host_cow, parse_query, replace_prefix};
 use crate::metrics::Metrics;
 use crate::resolver::AppProtocol;
 use crate::table::*;
@@ -41,6 +41,10 @@ pub struct GatewayOptions {
     pub connect_timeout: Duration,
     /// Endpoint choice within a Service.
     pub lb_policy: LbPolicy,
+    /// Worker runtimes, nginx style: every listener port gets one `SO_REUSEPORT` socket per
+    /// worker, accepted and served on that worker only (the kernel spreads connections; no
+    /// work stealing, no cross-thread wake-ups). Empty: everything on the calling runtime.
+    pub workers: Vec<tokio::runtime::Handle>,
 }
 
 impl Default for GatewayOptions {
@@ -50,6 +54,7 @@ impl Default for GatewayOptions {
             access_log: true,
             connect_timeout: Duration::from_secs(5),
             lb_policy: LbPolicy::RoundRobin,
+            workers: Vec::new(),
         }
     }
 }
@@ -165,7 +170,7 @@ impl Gateway {
         Gateway {
             inner: Arc::new(Inner {
                 table: ArcSwap::from_pointee(RoutingTable::default()),
-                pool: crate::pool::H1Pool::new(1024, opts.connect_timeout),
+                pool: crate::pool::H1Pool::new(1024, opts.connect_timeout, opts.workers.len() > 1),
                 opts,
                 h1,
                 h2,
@@ -202,19 +207,46 @@ impl Gateway {
         let wanted: Vec<u16> = table.ports.keys().copied().collect();
         let existing: Vec<u16> = self.inner.ports.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
         let mut new_listeners = Vec::new();
+        let per_worker = self.inner.opts.workers.len() > 1;
         for &port in wanted.iter().filter(|p| !existing.contains(p)) {
             let addr = SocketAddr::new(self.inner.opts.listen_ip, port);
-            let l = bind(addr).map_err(|source| ApplyError::Bind { addr, port, source })?;
-            new_listeners.push((port, l));
+            let n = if per_worker { self.inner.opts.workers.len() } else { 1 };
+            let mut ls = Vec::with_capacity(n);
+            for _ in 0..n {
+                ls.push(bind(addr, per_worker).map_err(|source| ApplyError::Bind { addr, port, source })?);
+            }
+            new_listeners.push((port, ls));
         }
         self.inner.table.store(Arc::new(table));
         self.inner.metrics.table_swaps.inc();
         let mut ports = self.inner.ports.lock().unwrap_or_else(|e| e.into_inner());
-        for (port, l) in new_listeners {
-            let addr = l.local_addr().unwrap_or(SocketAddr::new(self.inner.opts.listen_ip, port));
+        for (port, ls) in new_listeners {
+            let addr = ls[0].local_addr().unwrap_or(SocketAddr::new(self.inner.opts.listen_ip, port));
             let (stop, stop_rx) = watch::channel(false);
-            tokio::spawn(accept_loop(self.inner.clone(), l, port, stop_rx));
-            tracing::info!(port, %addr, "listening");
+            let n = ls.len();
+            for (i, l) in ls.into_iter().enumerate() {
+                if n > 1 {
+                    // Move the socket to its worker's reactor; the accept loop and every
+                    // connection it accepts run on that worker.
+                    let (inner, stop_rx) = (self.inner.clone(), stop_rx.clone());
+                    let std = match l.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(port, error = %e, "listener socket could not be handed to a worker");
+                            continue;
+                        }
+                    };
+                    self.inner.opts.workers[i].spawn(async move {
+                        match TcpListener::from_std(std) {
+                            Ok(l) => accept_loop(inner, l, port, stop_rx).await,
+                            Err(e) => tracing::warn!(port, error = %e, "worker could not register its listener"),
+                        }
+                    });
+                } else {
+                    tokio::spawn(accept_loop(self.inner.clone(), l, port, stop_rx.clone()));
+                }
+            }
+            tracing::info!(port, %addr, sockets = n, "listening");
             ports.insert(port, PortHandle { addr, stop });
         }
         ports.retain(|port, h| {
@@ -266,12 +298,15 @@ impl Gateway {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
     let sock = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     sock.set_reuseaddr(true)?;
+    if reuseport {
+        sock.set_reuseport(true)?;
+    }
     sock.bind(addr)?;
     sock.listen(1024)
 }
@@ -297,7 +332,7 @@ async fn accept_loop(inner: Arc<Inner>, l: TcpListener, port: u16, mut stop: wat
     }
 }
 
-async fn serve_conn(inner: Arc<Inner>, tcp: TcpStream, peer: SocketAddr, port: u16) {
+async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, port: u16) {
     let (tls, is_https) = {
         let t = inner.table.load();
         let p = t.ports.get(&port);
@@ -307,15 +342,83 @@ async fn serve_conn(inner: Arc<Inner>, tcp: TcpStream, peer: SocketAddr, port: u
         let Some(cfg) = tls else { return };
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         match acceptor.accept(tcp).await {
-            Ok(s) => serve_http(inner, TokioIo::new(s), ConnCtx::new(port, peer, true)).await,
+            Ok(s) => {
+                // ALPN decides the protocol; no preface sniffing needed.
+                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_http(inner, Prefixed { pre: Bytes::new(), io: TokioIo::new(s) }, ConnCtx::new(port, peer, true), h2).await
+            }
             Err(e) => tracing::debug!(%peer, port, error = %e, "TLS handshake failed"),
         }
     } else {
-        serve_http(inner, TokioIo::new(tcp), ConnCtx::new(port, peer, false)).await
+        // Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c) when the connection starts
+        // with the HTTP/2 preface. One ordinary read decides (hyper-util's auto builder reads
+        // exactly the preface's 24 bytes first: an extra system call per connection); the
+        // bytes read are handed to the HTTP server in front of the socket.
+        let mut buf = bytes::BytesMut::with_capacity(4096);
+        let mut shutdown = inner.shutdown.subscribe();
+        loop {
+            let r = tokio::select! {
+                r = tokio::io::AsyncReadExt::read_buf(&mut tcp, &mut buf) => r,
+                _ = shutdown.changed() => return,
+            };
+            match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) => continue,
+                Ok(_) => break,
+            }
+        }
+        let h2 = buf.starts_with(H2_PREFACE);
+        serve_http(inner, Prefixed { pre: buf.freeze(), io: TokioIo::new(tcp) }, ConnCtx::new(port, peer, false), h2).await
     }
 }
 
-async fn serve_http<I>(inner: Arc<Inner>, io: I, ctx: ConnCtx)
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An I/O stream with bytes already read from it in front.
+struct Prefixed<T> {
+    pre: Bytes,
+    io: T,
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Prefixed<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            let chunk = self.pre.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Prefixed<T> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+async fn serve_http<I>(inner: Arc<Inner>, io: I, ctx: ConnCtx, h2: bool)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -331,14 +434,27 @@ where
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(inner, req, &ctx).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with error"); } }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with error"); } }
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    } else {
+        // Small responses: one write of head + body copied together instead of writev of two
+        // buffers (less per-call work in the kernel).
+        let conn = hyper::server::conn::http1::Builder::new().writev(false).serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with error"); } }
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
         }
     }
 }
@@ -385,13 +501,14 @@ async fn route_request(
     let Some(pt) = table.ports.get(&ctx.port) else {
         return local(StatusCode::NOT_FOUND, "no listener on this port\n");
     };
-    let raw_host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(|s| s.to_string()))
-        .unwrap_or_default();
-    let host = normalize_host(&raw_host);
+    // The host as the client sent it (HTTP/2 :authority or Host). Cloning the Host header's
+    // value is a reference-count bump, not a copy.
+    let raw_host: HeaderValue = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).unwrap_or_else(|_| HeaderValue::from_static("")),
+        None => req.headers().get(header::HOST).cloned().unwrap_or_else(|| HeaderValue::from_static("")),
+    };
+    let raw_host_str = raw_host.to_str().unwrap_or("");
+    let host = normalize_host_cow(raw_host_str);
     let Some(listener) = pt.listener_for(&host) else {
         return local(StatusCode::NOT_FOUND, "no listener for this host\n");
     };
@@ -432,7 +549,7 @@ async fn forward(
     entry: &RouteEntry,
     mut req: Request<Incoming>,
     host: &str,
-    raw_host: &str,
+    raw_host: &HeaderValue,
     ctx: &ConnCtx,
     out: &mut Outcome,
 ) -> Response<ProxyBody> {
@@ -491,10 +608,8 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(raw_host) {
-            parts.headers.insert(header::HOST, v);
-        }
+    if !parts.headers.contains_key(header::HOST) && !raw_host.is_empty() {
+        parts.headers.insert(header::HOST, raw_host.clone());
     }
     if let Some(ops) = &rule.request_headers {
         ops.apply(&mut parts.headers);

@@ -687,3 +687,55 @@ async fn endpoints_round_robin_and_least_request() {
     }
     assert_eq!(slow.await.unwrap().echo().pod, busy_pod);
 }
+
+/// nginx-style workers: two single-threaded runtimes on their own threads, each with its own
+/// SO_REUSEPORT socket per listener port (two listening sockets on the port). New connections
+/// are all answered, HTTP/1.1 and h2c, and removing the listener closes both sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_worker_reuseport_listeners_serve_and_stop_together() {
+    let a = echo("a", "default").await;
+    let port = free_port();
+    let mut workers = vec![];
+    let mut stops = vec![];
+    for i in 0..2 {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        workers.push(rt.handle().clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(tx);
+        std::thread::Builder::new().name(format!("test-worker-{i}")).spawn(move || rt.block_on(async { let _ = rx.await; })).unwrap();
+    }
+    use fjord_gateway::{Gateway, GatewayOptions, ObjectSet, StaticResolver};
+    let gw = Gateway::new(GatewayOptions { listen_ip: "127.0.0.1".parse().unwrap(), access_log: false, workers, ..Default::default() });
+    let docs = [class_and_gateway("gw", "default", port), static_service("a", "default", 80, &[a]), route("r", "default", "gw", "  - backendRefs: [{name: a, port: 80}]")];
+    let objs = ObjectSet::from_yaml("test", &docs.join("---\n")).unwrap();
+    gw.reconcile(&objs, &StaticResolver::new(&objs.static_services)).await.expect("apply");
+    // fresh connections (one client per request): every one is answered, whichever worker's
+    // socket the kernel picked
+    let listening = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port_hex = format!("0100007F:{port:04X}");
+    let sockets = listening.lines().filter(|l| l.split_whitespace().nth(1) == Some(port_hex.as_str()) && l.split_whitespace().nth(3) == Some("0A")).count();
+    assert_eq!(sockets, 2, "one listening socket per worker");
+    for i in 0..200 {
+        let r = get(&client(), &format!("http://127.0.0.1:{port}/x/{i}")).await;
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    // an HTTP/2-only (prior knowledge) client gets an answer only if the worker spoke h2c
+    let r = get(&h2c_client(), &format!("http://127.0.0.1:{port}/h2")).await;
+    assert_eq!(r.status, 200);
+    // the listener goes away: both sockets close
+    gw.apply(fjord_gateway::RoutingTable::default()).await.unwrap();
+    let gone = async {
+        loop {
+            let t = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            if !t.lines().any(|l| l.split_whitespace().nth(1) == Some(port_hex.as_str()) && l.split_whitespace().nth(3) == Some("0A")) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), gone).await.expect("both worker sockets closed");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    for s in stops {
+        let _ = s.send(());
+    }
+}

@@ -64,6 +64,15 @@ struct Args {
     /// Store mode: the address Gateways report in status.addresses (default: --listen-address).
     #[arg(long, env = "FJORD_GATEWAY_STATUS_ADDRESS")]
     status_address: Option<IpAddr>,
+    /// Store mode: several instances (and agents with --gateway) on one store all serve traffic
+    /// and elect one status writer with the store lease /fjord/v1/leases/gateway-status held
+    /// under this name (default: HOSTNAME-PID).
+    #[arg(long, env = "FJORD_GATEWAY_IDENTITY")]
+    identity: Option<String>,
+    /// Store mode: lease duration of the status writer election (seconds); a writer that stops
+    /// without resigning is replaced after this long.
+    #[arg(long, env = "FJORD_GATEWAY_STATUS_LEASE_TTL", default_value_t = 15)]
+    status_lease_ttl_secs: u64,
     /// IP address the Gateway listeners bind (ports come from the listeners).
     #[arg(long, env = "FJORD_GATEWAY_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     listen_address: IpAddr,
@@ -83,7 +92,8 @@ struct Args {
     /// Seconds to let open requests finish on SIGTERM/SIGINT.
     #[arg(long, env = "FJORD_GATEWAY_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace_secs: u64,
-    /// Worker threads (default: number of CPUs).
+    /// Worker threads (default: number of CPUs), like nginx's worker_processes: each worker is a
+    /// single-threaded runtime with its own SO_REUSEPORT socket per listener port.
     #[arg(long, env = "FJORD_GATEWAY_WORKERS")]
     workers: Option<usize>,
     /// How a request picks an endpoint of a Service: round-robin, or least-request (power of
@@ -172,21 +182,26 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&status_json(&out.status))?);
         return Ok(());
     }
-    // One worker: a single-threaded runtime (no work-stealing overhead, like one nginx worker).
-    let mut rt = match args.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(w) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(w.max(1));
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    rt.enable_all();
-    rt.build().context("starting the tokio runtime")?.block_on(run(args))
+    // nginx's model: N workers, each a single-threaded runtime on its own thread with its own
+    // SO_REUSEPORT socket per listener port (no work stealing, no cross-thread wake-ups).
+    // The main thread is worker 0 and also runs the config/store side.
+    let n = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let mut handles = Vec::new();
+    for i in 1..n {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a worker runtime")?;
+        handles.push(rt.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("fjord-gw-worker-{i}"))
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .context("starting a worker thread")?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    let mut workers = vec![rt.handle().clone()];
+    workers.extend(handles);
+    rt.block_on(run(args, if n > 1 { workers } else { Vec::new() }))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let lb_policy = match args.lb {
         Lb::RoundRobin => fjord_gateway::LbPolicy::RoundRobin,
@@ -196,13 +211,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen_ip: args.listen_address,
         access_log: !args.no_access_log,
         lb_policy,
+        workers,
         ..Default::default()
     });
+    let mut elector = None;
     if let Some(url) = &args.store {
         let store = fjord_store::open(url).await.with_context(|| format!("opening --store {url}"))?;
         let address = args.status_address.unwrap_or(args.listen_address);
-        tokio::spawn(fjord_gateway::controller::Controller::new(store, gw.clone(), address).run());
-        tracing::info!(store = %url, %address, "store mode: serving Gateway API objects from the store");
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let ttl = Duration::from_secs(args.status_lease_ttl_secs.max(1));
+        let e = fjord_gateway::leader::Elector::spawn(store.clone(), fjord_gateway::leader::STATUS_LEASE_KEY, &identity, ttl);
+        tokio::spawn(fjord_gateway::controller::Controller::new(store, gw.clone(), address).with_leadership(e.leadership()).with_instance(&identity, ttl).run());
+        elector = Some(e);
+        tracing::info!(store = %url, %address, identity, "store mode: serving Gateway API objects from the store");
     } else {
         load_and_apply(&args, &gw).await?;
     }
@@ -236,6 +260,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!(grace_secs = args.shutdown_grace_secs, "shutting down");
+    if let Some(e) = elector {
+        e.resign().await;
+    }
     gw.shutdown(Duration::from_secs(args.shutdown_grace_secs)).await;
     Ok(())
 }
