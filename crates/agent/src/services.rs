@@ -830,6 +830,8 @@ async fn watch_loop(
             }
         }
         if !relevant || (dirty.services.is_empty() && !dirty.pods) {
+            // nothing for the datapath (e.g. heartbeats): it is in sync through this revision
+            agent.metrics.service_synced_revision.set(rev);
             continue;
         }
         let l = Some(lease.load(std::sync::atomic::Ordering::Relaxed)).filter(|l| *l != 0);
