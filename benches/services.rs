@@ -539,7 +539,9 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     let prefix = format!("fjbn-{}", std::process::id());
     // ---- fjord: one-node dev cluster with the real agent ----
     let max_services = (nmax + 64).max(1024).to_string();
-    let c = TestCluster::up_full(1, "embedded", "native", vec!["--max-services".into(), max_services]).await;
+    // the service datapath alone: no in-agent Gateway API controller (it would cache all 10,000
+    // services and slices too)
+    let c = TestCluster::up_full(1, "embedded", "native", vec!["--max-services".into(), max_services, "--no-gateway".into()]).await;
     let mut nss = Netns(vec![]);
     let api = c.client();
     let agent_pid = c.node().agent_pid.unwrap();

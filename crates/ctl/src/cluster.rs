@@ -178,8 +178,12 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
             allocate_pod_cidr: o.store == "etcd",
             agent_args: o.agent_args.clone(),
         };
-        // node1 runs the Gateway API proxy (listeners on its underlay address, reachable from ext).
-        if i == 1 && !node.agent_args.iter().any(|a| a == "--gateway") {
+        // node1 runs the Gateway API proxy (listeners on its underlay address, reachable from ext),
+        // unless `--agent-arg --no-gateway` asks for a cluster without it (e.g. benchmarks of the
+        // service datapath alone).
+        let no_gateway = node.agent_args.iter().any(|a| a == "--no-gateway");
+        node.agent_args.retain(|a| a != "--no-gateway");
+        if i == 1 && !no_gateway && !node.agent_args.iter().any(|a| a == "--gateway") {
             node.agent_args.push("--gateway".into());
         }
         install_cni(&o.bin_dir, &node)?;
