@@ -334,19 +334,14 @@ async fn run(args: Args) -> Result<()> {
             cluster_cidr: (args.cluster_cidr.network(), args.cluster_cidr.prefix_len()),
             masquerade: args.masquerade,
         });
-        let (net_devs, masquerade) = (
-            {
-                let mut v = vec![];
-                if !underlay_dev.is_empty() {
-                    v.push((underlay_dev.clone(), true));
-                }
-                if args.routing == Routing::Vxlan {
-                    v.push((cluster::VXLAN_DEV.to_string(), false));
-                }
-                v
-            },
-            args.masquerade,
-        );
+        // (device, masquerade on its egress): the underlay, and the overlay in VXLAN mode
+        let mut net_devs: Vec<(String, bool)> = vec![];
+        if !underlay_dev.is_empty() {
+            net_devs.push((underlay_dev.clone(), args.masquerade));
+        }
+        if args.routing == Routing::Vxlan {
+            net_devs.push((cluster::VXLAN_DEV.to_string(), false));
+        }
         let socket_lb_cgroup = args.socket_lb_cgroup.clone();
         let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<fjord_datapath::Datapath> {
             let mut dp = fjord_datapath::Datapath::load(cfg)?;
@@ -356,8 +351,8 @@ async fn run(args: Args) -> Result<()> {
             dp.maintain().context("filling the Maglev spare-table pool")?;
             // NodePort/externalIP frontends and SNAT replies arrive on the underlay (and the
             // overlay); masquerade happens on the underlay's egress
-            for (dev, underlay) in &net_devs {
-                dp.attach_net(dev, *underlay && masquerade).with_context(|| format!("attaching to the node device {dev}"))?;
+            for (dev, masquerade) in &net_devs {
+                dp.attach_net(dev, *masquerade).with_context(|| format!("attaching to the node device {dev}"))?;
             }
             for n in &names {
                 dp.attach(n).with_context(|| format!("re-attaching to {n}"))?;

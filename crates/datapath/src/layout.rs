@@ -129,14 +129,6 @@ impl CtValue {
     pub fn backend(&self) -> (Ipv4Addr, u16) {
         (ip_of(self.backend_ip), u16::from_be(self.backend_port))
     }
-    /// FWD + SNAT, SNAT_FWD: the source the flow leaves with.
-    pub fn nat(&self) -> (Ipv4Addr, u16) {
-        (ip_of(self.nat_ip), u16::from_be(self.nat_port))
-    }
-    /// REPLY + SNAT, SNAT_REV: the original client address restored on replies.
-    pub fn orig(&self) -> (Ipv4Addr, u16) {
-        (ip_of(self.orig_ip), u16::from_be(self.orig_port))
-    }
 }
 
 /// `struct fj_affinity_key`
@@ -181,10 +173,6 @@ pub struct Config {
 /// An IPv4 address in the byte order of the maps (network order in memory).
 pub fn be_addr(ip: Ipv4Addr) -> u32 {
     be_ip(ip)
-}
-/// The inverse of [`be_addr`].
-pub fn addr_of(be: u32) -> Ipv4Addr {
-    ip_of(be)
 }
 
 /// `struct fj_sock_revnat`

@@ -1442,11 +1442,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// The datapath config as the programs see it.
-    pub fn node_config(&self) -> Result<Config> {
-        self.config_map.get(&0, 0).map_err(map_err(MAP_CONFIG, "read"))
-    }
-
     fn attach_progs(&mut self, iface: &str, progs: &[(&'static str, TcAttachType)]) -> Result<()> {
         let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|_| DatapathError::NoSuchInterface { iface: iface.into() })?;
         let mode = self.cfg.attach;
@@ -1674,8 +1669,7 @@ impl Datapath {
 
     /// Interfaces fjord is attached to (from the pinned links).
     pub fn attached(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.pinned_links().into_iter().map(|(_, _, i, _)| i).collect();
-        v.sort();
+        let mut v: Vec<String> = self.attachments().into_iter().map(|(i, _)| i).collect();
         v.dedup();
         v
     }
