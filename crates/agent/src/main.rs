@@ -403,7 +403,11 @@ async fn run(args: Args) -> Result<()> {
         info!(%listen, %address, "gateway: serving Gateway API routes from the store");
     }
     // Reconcile what happened while the agent was down.
-    let cleaned = agent.sweep_zombies("agent start").await.map_err(|e| anyhow::anyhow!("initial sweep: {e}"))?;
+    // A failed sweep is not fatal: the reaper below runs it again every --zombie-sweep-interval.
+    let cleaned = agent.sweep_zombies("agent start").await.unwrap_or_else(|e| {
+        warn!(error = %e, "initial zombie sweep failed; the periodic sweep will retry");
+        Vec::new()
+    });
     let atts = agent.attachments().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let ipam = agent.ipam_status().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     info!(node = %args.node, pod_cidr = %pod_cidr, routing = ?args.routing, gateway = %pool_gateway(&agent), addresses = ?addresses,

@@ -35,6 +35,29 @@ impl NetlinkError {
 
 pub type Result<T> = std::result::Result<T, NetlinkError>;
 
+/// A dump the kernel interrupted because the table changed under it (EBUSY on
+/// kernels that report NLM_F_DUMP_INTR as an error, or EINTR) is simply retried:
+/// interfaces of other pods come and go while the agent lists them.
+async fn dump_retry<T, F, Fut>(op: &str, mut dump: F) -> Result<Vec<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Vec<T>, rtnetlink::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match dump().await {
+            Err(rtnetlink::Error::NetlinkError(e))
+                if attempt < 8 && matches!(e.code.map(|c| -c.get()), Some(libc::EBUSY) | Some(libc::EINTR)) =>
+            {
+                attempt += 1;
+                tracing::debug!(op, attempt, "netlink dump interrupted; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(2 * attempt)).await;
+            }
+            r => return r.map_err(ctx(op)),
+        }
+    }
+}
+
 fn ctx(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
     let op = op.into();
     move |source| NetlinkError { op, source }
@@ -109,12 +132,15 @@ impl Netlink {
     }
 
     pub async fn links(&self) -> Result<Vec<LinkInfo>> {
-        let mut out = Vec::new();
-        let mut s = self.handle.link().get().execute();
-        while let Some(m) = s.try_next().await.map_err(ctx("list links"))? {
-            out.push(link_info(&m));
-        }
-        Ok(out)
+        dump_retry("list links", || async {
+            let mut out = Vec::new();
+            let mut s = self.handle.link().get().execute();
+            while let Some(m) = s.try_next().await? {
+                out.push(link_info(&m));
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn require(&self, name: &str) -> Result<LinkInfo> {
@@ -198,19 +224,22 @@ impl Netlink {
     /// IPv4 addresses (with prefix length) on link `name`.
     pub async fn addrs(&self, name: &str) -> Result<Vec<(Ipv4Addr, u8)>> {
         let li = self.require(name).await?;
-        let mut out = Vec::new();
-        let mut s = self.handle.address().get().set_link_index_filter(li.index).execute();
-        while let Some(m) = s.try_next().await.map_err(ctx(format!("list addresses of {name}")))? {
-            if m.header.family != AddressFamily::Inet {
-                continue;
-            }
-            for a in &m.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
-                    out.push((*ip, m.header.prefix_len));
+        dump_retry(&format!("list addresses of {name}"), || async {
+            let mut out = Vec::new();
+            let mut s = self.handle.address().get().set_link_index_filter(li.index).execute();
+            while let Some(m) = s.try_next().await? {
+                if m.header.family != AddressFamily::Inet {
+                    continue;
+                }
+                for a in &m.attributes {
+                    if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                        out.push((*ip, m.header.prefix_len));
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     /// Add (or replace) an IPv4 route in the main table.
@@ -326,14 +355,17 @@ impl Netlink {
 
     /// IPv4 routes of the main table.
     pub async fn routes(&self) -> Result<Vec<RouteInfo>> {
-        let mut out = Vec::new();
-        let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
-        while let Some(m) = s.try_next().await.map_err(ctx("list routes"))? {
-            if let Some(r) = route_info(&m) {
-                out.push(r);
+        dump_retry("list routes", || async {
+            let mut out = Vec::new();
+            let mut s = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+            while let Some(m) = s.try_next().await? {
+                if let Some(r) = route_info(&m) {
+                    out.push(r);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 }
 
