@@ -103,15 +103,72 @@ pub fn build_table<K: AsRef<str>>(backends: &[(K, u32)], size: u32, seed: u64) -
     let weights: Vec<u64> = order.iter().map(|&i| backends[i].1 as u64).collect();
     let wmax = *weights.iter().max().expect("non-empty");
 
-    const EMPTY: u32 = u32::MAX;
-    let mut table = vec![EMPTY; size as usize];
+    if weights.iter().all(|&w| w == wmax) {
+        // equal weights (the usual case): plain turns, and for a few backends the
+        // per-backend state lives in registers (most services have 1-8 endpoints)
+        let ids: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+        return Ok(match ids.len() {
+            1 => vec![ids[0]; size as usize],
+            2 => fill_equal::<2>(&ids, &params, m),
+            3 => fill_equal::<3>(&ids, &params, m),
+            4 => fill_equal::<4>(&ids, &params, m),
+            5 => fill_equal::<5>(&ids, &params, m),
+            6 => fill_equal::<6>(&ids, &params, m),
+            7 => fill_equal::<7>(&ids, &params, m),
+            8 => fill_equal::<8>(&ids, &params, m),
+            _ => fill_weighted(&ids, &params, &weights, wmax, m),
+        });
+    }
+    let ids: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+    Ok(fill_weighted(&ids, &params, &weights, wmax, m))
+}
+
+const EMPTY: u32 = u32::MAX;
+
+/// The population loop for K backends of equal weight (same table as `fill_weighted`).
+fn fill_equal<const K: usize>(ids: &[u32], params: &[(u64, u64)], m: u64) -> Vec<u32> {
+    let mut table = vec![EMPTY; m as usize];
+    let mut pos = [0u64; K];
+    let mut skip = [0u64; K];
+    let mut id = [0u32; K];
+    for n in 0..K {
+        (pos[n], skip[n]) = params[n];
+        id[n] = ids[n];
+    }
+    let mut filled = 0u64;
+    loop {
+        for n in 0..K {
+            let mut c = pos[n];
+            while table[c as usize] != EMPTY {
+                c += skip[n];
+                if c >= m {
+                    c -= m;
+                }
+            }
+            table[c as usize] = id[n];
+            c += skip[n];
+            if c >= m {
+                c -= m;
+            }
+            pos[n] = c;
+            filled += 1;
+            if filled == m {
+                return table;
+            }
+        }
+    }
+}
+
+/// The population loop with weights: `ids[n]` claims a slot each time its credit reaches `wmax`.
+fn fill_weighted(ids: &[u32], params: &[(u64, u64)], weights: &[u64], wmax: u64, m: u64) -> Vec<u32> {
+    let mut table = vec![EMPTY; m as usize];
     // pos[n] = (offset + next * skip) % m, advanced by one add and a conditional
     // subtract instead of a 64-bit division per probe (same sequence, same table).
     let mut pos: Vec<u64> = params.iter().map(|&(offset, _)| offset).collect();
-    let mut credit = vec![0u64; order.len()];
+    let mut credit = vec![0u64; ids.len()];
     let mut filled = 0usize;
     loop {
-        for (n, &orig) in order.iter().enumerate() {
+        for (n, &orig) in ids.iter().enumerate() {
             // weighted turns: a backend claims a slot each time its credit reaches wmax
             credit[n] += weights[n];
             if credit[n] < wmax {
@@ -126,7 +183,7 @@ pub fn build_table<K: AsRef<str>>(backends: &[(K, u32)], size: u32, seed: u64) -
                     c -= m;
                 }
             }
-            table[c as usize] = orig as u32;
+            table[c as usize] = orig;
             c += skip;
             if c >= m {
                 c -= m;
@@ -134,7 +191,7 @@ pub fn build_table<K: AsRef<str>>(backends: &[(K, u32)], size: u32, seed: u64) -
             pos[n] = c;
             filled += 1;
             if filled == table.len() {
-                return Ok(table);
+                return table;
             }
         }
     }
@@ -193,7 +250,8 @@ mod tests {
 
     #[test]
     fn same_tables_as_the_reference_formulation() {
-        for (n, size) in [(1usize, 251u32), (3, 1021), (3, 16381), (10, 4099), (100, 16381)] {
+        // 1..=8 equal weights take the register-resident loop; n = 10 (weighted) and 100 the general one
+        for (n, size) in [(1usize, 251u32), (2, 16381), (3, 1021), (3, 16381), (4, 4099), (5, 16381), (6, 1021), (7, 16381), (8, 65521), (9, 16381), (10, 4099), (100, 16381)] {
             let mut k = keys(n);
             if n == 10 {
                 for (i, b) in k.iter_mut().enumerate() {

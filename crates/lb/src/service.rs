@@ -231,6 +231,7 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
     })?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(svc.frontends.len());
+    let mut built: Vec<(Vec<(String, u32)>, Vec<u32>)> = Vec::new();
     for (fi, fe) in svc.frontends.iter().enumerate() {
         let service = svc.name.clone();
         if fe.port == 0 {
@@ -285,8 +286,17 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
             vec![]
         };
         let weighted: Vec<(String, u32)> = chosen.iter().map(|(a, w)| (a.maglev_key(), *w)).collect();
-        let table = maglev::build_table(&weighted, cfg.maglev_size, cfg.seed)
-            .map_err(|source| TranslateError::Maglev { service: service.clone(), key, source })?;
+        // frontends of one service usually share their backends (ClusterIP and NodePort
+        // on every node address, TCP and UDP of one port): build each distinct table once
+        let table = match built.iter().find(|(w, _)| *w == weighted) {
+            Some((_, t)) => t.clone(),
+            None => {
+                let t = maglev::build_table(&weighted, cfg.maglev_size, cfg.seed)
+                    .map_err(|source| TranslateError::Maglev { service: service.clone(), key, source })?;
+                built.push((weighted, t.clone()));
+                t
+            }
+        };
         out.push(FrontendEntries {
             service,
             key,
