@@ -14,12 +14,13 @@
  *
  *   fjord_services  HASH        fj_svc_key    -> fj_svc_value   one entry per frontend (VIP, port, proto)
  *   fjord_backends  HASH        __u32 id      -> fj_backend     backend address by backend id
- *   fjord_maglev    HASH_OF_MAPS __u32 table_id -> inner ARRAY[maglev_size] of __u32 backend id
- *                               One table per frontend with backends, keyed by its service_id
- *                               (fj_svc_value.table_id; 0 = no table). The loader builds a new
- *                               inner array (BPF_F_MMAPABLE: written with one memcpy) and
- *                               replaces the outer entry in one update: an RCU pointer switch,
- *                               so packets see the complete old or the complete new table.
+ *   fjord_maglev    HASH_OF_MAPS __u32 table_id -> inner ARRAY[ceil(maglev_size / FJ_MAGLEV_CHUNK)]
+ *                               of fj_maglev_chunk: slot s is chunk s / FJ_MAGLEV_CHUNK,
+ *                               backend_id[s % FJ_MAGLEV_CHUNK]. One table per frontend with
+ *                               backends (fj_svc_value.table_id; 0 = no table). The loader fills a
+ *                               table nobody reads (new, or a spare past its grace period) with
+ *                               one BPF_MAP_UPDATE_BATCH and then points the service at it: packets
+ *                               see the complete old or the complete new table.
  *   fjord_revnat    HASH        __u32 rev_nat_id -> fj_revnat   service address restored on replies
  *   fjord_ct        LRU_HASH    fj_ct_key     -> fj_ct_value    conntrack, both directions
  *   fjord_config    ARRAY[1]    __u32 0       -> fj_config      maglev_size etc., written by the loader
@@ -153,7 +154,16 @@ struct fj_config {
 
 #define FJ_CFG_F_MASQUERADE 1 /* SNAT pod traffic leaving the cluster CIDR through the underlay */
 
-#define FJ_LAYOUT_VERSION 2
+#define FJ_LAYOUT_VERSION 3
+
+/* A Maglev table is stored as chunks of FJ_MAGLEV_CHUNK slots (4 KiB values): one
+ * batch update writes a whole table, and slots are 4 bytes each (an ARRAY of __u32
+ * would pad every slot to 8). */
+#define FJ_MAGLEV_CHUNK 1024
+
+struct fj_maglev_chunk {
+	__u32 backend_id[FJ_MAGLEV_CHUNK];
+};
 
 enum fj_stat {
 	FJ_STAT_DNAT = 0,        /* packets DNATed to a backend */

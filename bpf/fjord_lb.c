@@ -481,10 +481,11 @@ static __always_inline struct fj_backend *fj_select(struct fj_tuple *t, struct f
 		return 0;
 	__u32 slot = fj_flow_hash(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto) %
 		     cfg->maglev_size;
-	__u32 *bidp = bpf_map_lookup_elem(table, &slot);
-	if (!bidp)
+	__u32 chunk = slot / FJ_MAGLEV_CHUNK;
+	struct fj_maglev_chunk *chk = bpf_map_lookup_elem(table, &chunk);
+	if (!chk)
 		return 0;
-	__u32 bid = *bidp;
+	__u32 bid = chk->backend_id[slot & (FJ_MAGLEV_CHUNK - 1)];
 	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
 	if (!be)
 		return 0;

@@ -30,14 +30,15 @@ struct {
 } fjord_backends SEC(".maps");
 
 /* Inner Maglev table template: BPF_F_INNER_MAP lets every inner table have its
- * own max_entries (= the configured Maglev size); BPF_F_MMAPABLE lets the
- * loader write a whole table with one memcpy. */
+ * own max_entries (= ceil(Maglev size / FJ_MAGLEV_CHUNK) chunks). */
 struct fj_maglev_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, __u32);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	/* sizes, not BTF types: clang emits only a forward declaration of a struct that is
+	 * reached through this template alone, and the kernel wants both BTF ids or none */
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct fj_maglev_chunk));
 };
 
 struct {

@@ -47,10 +47,11 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	__u32 slot = fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto) %
 		     cfg->maglev_size;
-	__u32 *bidp = bpf_map_lookup_elem(table, &slot);
-	if (!bidp)
+	__u32 chunk = slot / FJ_MAGLEV_CHUNK;
+	struct fj_maglev_chunk *chk = bpf_map_lookup_elem(table, &chunk);
+	if (!chk)
 		return 1;
-	__u32 bid = *bidp;
+	__u32 bid = chk->backend_id[slot & (FJ_MAGLEV_CHUNK - 1)];
 	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
 	if (!be) {
 		fj_count(FJ_STAT_ERROR);

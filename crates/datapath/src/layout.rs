@@ -214,7 +214,10 @@ pub const CT_F_NONAT: u8 = 4;
 pub const SVC_F_AFFINITY: u32 = 1;
 pub const SVC_F_EXTERNAL: u32 = 2;
 pub const CFG_F_MASQUERADE: u32 = 1;
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
+/// Slots per Maglev table chunk (`FJ_MAGLEV_CHUNK`): a table of M slots is an array of
+/// ceil(M / MAGLEV_CHUNK) chunks of MAGLEV_CHUNK backend ids.
+pub const MAGLEV_CHUNK: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -275,6 +278,9 @@ mod tests {
         assert_eq!(CT_DIR_FWD as u64, c::FJ_CT_DIR_FWD);
         assert_eq!(CT_DIR_REPLY as u64, c::FJ_CT_DIR_REPLY);
         assert_eq!(LAYOUT_VERSION as u64, c::FJ_LAYOUT_VERSION);
+        assert_eq!(MAGLEV_CHUNK as u64, c::FJ_MAGLEV_CHUNK);
+        assert_eq!(MAGLEV_CHUNK * 4, c::SIZEOF_FJ_MAGLEV_CHUNK);
+        assert_eq!(0, c::OFFSETOF_FJ_MAGLEV_CHUNK_BACKEND_ID);
         for (rust, cval) in [
             (CT_DIR_SNAT_FWD as u64, c::FJ_CT_DIR_SNAT_FWD),
             (CT_DIR_SNAT_REV as u64, c::FJ_CT_DIR_SNAT_REV),

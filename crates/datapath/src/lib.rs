@@ -32,7 +32,7 @@ use fjord_lb::{BackendAddr, FrontendEntries, FrontendOptions, ServiceKey};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use layout::{AffinityKey, AffinityValue, BackendValue, Config, CtKey, CtValue, RevNat, SvcKey, SvcValue, LAYOUT_VERSION};
+use layout::{AffinityKey, AffinityValue, BackendValue, Config, CtKey, CtValue, RevNat, SvcKey, SvcValue, LAYOUT_VERSION, MAGLEV_CHUNK};
 
 /// The compiled eBPF object with the tc programs (bpf/fjord_lb.c).
 pub const BPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fjord_lb.o"));
@@ -65,7 +65,6 @@ const TC_HANDLE: u32 = 0xf10d;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_F_MMAPABLE: u32 = 1 << 10;
 const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// table_id stored in a service entry without backends (no table).
 const NO_TABLE: u32 = 0;
@@ -193,8 +192,8 @@ pub enum DatapathError {
     DuplicateInBatch { service: String, key: ServiceKey },
     #[error("service {key} is not programmed in this datapath")]
     NotFound { key: ServiceKey },
-    #[error("mmap of a Maglev table for service {key}: {source}")]
-    Mmap { key: ServiceKey, source: io::Error },
+    #[error("{op} the Maglev table of {key}: {source}")]
+    Table { key: ServiceKey, op: &'static str, source: io::Error },
 }
 
 pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -656,13 +655,11 @@ impl Datapath {
                 used_tables.insert(v.table_id);
                 let inner = self.maglev_map.get(&v.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table {}", v.table_id)))?;
                 let mut seen = HashSet::new();
-                with_mmap(&inner, m, false, key, |slots| {
-                    for &id in slots.iter() {
-                        if seen.insert(id) {
-                            ids.push(id);
-                        }
+                for id in read_table(&inner, m, key)? {
+                    if seen.insert(id) {
+                        ids.push(id);
                     }
-                })?;
+                }
             }
             for id in &ids {
                 *used_backends.entry(*id).or_default() += 1;
@@ -740,7 +737,7 @@ impl Datapath {
             return Ok(Vec::new());
         }
         let inner = self.maglev_map.get(&st.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table of {key}")))?;
-        let ids = with_mmap(&inner, self.cfg.maglev_size, false, *key, |s| s.to_vec())?;
+        let ids = read_table(&inner, self.cfg.maglev_size, *key)?;
         let rev: StdHashMap<u32, BackendAddr> = self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
         ids.iter()
             .map(|id| {
@@ -848,7 +845,9 @@ impl Datapath {
         if fe.backends.is_empty() && !fe.maglev.is_empty() {
             return Err(DatapathError::BadTable { service: fe.service.clone(), key, slot: 0, index: fe.maglev[0], count: 0 });
         }
-        if let Some((slot, &index)) = fe.maglev.iter().enumerate().find(|(_, &i)| i as usize >= fe.backends.len()) {
+        // the common case (every index in range) in one vectorized pass
+        if fe.maglev.iter().copied().max().is_some_and(|i| i as usize >= fe.backends.len()) {
+            let (slot, &index) = fe.maglev.iter().enumerate().find(|(_, &i)| i as usize >= fe.backends.len()).expect("an index is out of range");
             return Err(DatapathError::BadTable { service: fe.service.clone(), key, slot, index, count: fe.backends.len() });
         }
         if let Some(b) = fe.backends.iter().find(|b| b.protocol != key.protocol) {
@@ -858,9 +857,8 @@ impl Datapath {
     }
 
     /// Checks capacity, reserves ids, writes new backend entries and builds the
-    /// new table (not yet visible to the datapath).
+    /// new table (not yet visible to the datapath). `fe` was validated by upsert_many.
     fn prepare(&mut self, fe: &FrontendEntries) -> Result<Prepared> {
-        self.validate(fe)?;
         let key = fe.key;
         let m = self.cfg.maglev_size;
         let existing = self.services.get(&key).cloned();
@@ -954,7 +952,7 @@ impl Datapath {
                 let mut previous = None;
                 if had_table {
                     let old = self.maglev_map.get(&p.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table of {key}")))?;
-                    let current = with_mmap(&old, m, false, key, |s| s.to_vec())?;
+                    let current = read_table(&old, m, key)?;
                     let wanted: Vec<u32> = fe.maglev.iter().map(|&i| p.index_ids[i as usize]).collect();
                     if current == wanted {
                         return Ok((None, None)); // unchanged: nothing to switch
@@ -963,11 +961,7 @@ impl Datapath {
                 }
                 // fast path: a clean spare table, written now and flipped to by commit()
                 if let Some((pid, md)) = self.pool_clean.pop() {
-                    let r = with_mmap(&md, m, true, key, |slots| {
-                        for (s, &idx) in slots.iter_mut().zip(fe.maglev.iter()) {
-                            *s = p.index_ids[idx as usize];
-                        }
-                    });
+                    let r = write_table(&md, m, fe.maglev.iter().map(|&i| p.index_ids[i as usize]), key);
                     match r {
                         Ok(()) => {
                             p.pooled = Some((pid, md));
@@ -979,14 +973,8 @@ impl Datapath {
                         }
                     }
                 }
-                let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, m, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
-                let inner = MapData::create(obj, "fjord_mgl_tbl", None)
-                    .map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?;
-                with_mmap(&inner, m, true, key, |slots| {
-                    for (s, &idx) in slots.iter_mut().zip(fe.maglev.iter()) {
-                        *s = p.index_ids[idx as usize];
-                    }
-                })?;
+                let inner = create_table(m).map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?;
+                write_table(&inner, m, fe.maglev.iter().map(|&i| p.index_ids[i as usize]), key)?;
                 Ok((Some(inner), previous))
             })();
             match res {
@@ -1242,8 +1230,7 @@ impl Datapath {
         let mut fresh: Vec<(u32, MapData)> = Vec::new();
         for _ in (self.pool_clean.len() + self.pool_dirty.len())..target {
             let Some(id) = self.alloc_table_id() else { break };
-            let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, m, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
-            match MapData::create(obj, "fjord_mgl_tbl", None) {
+            match create_table(m) {
                 Ok(md) => fresh.push((id, md)),
                 Err(e) => {
                     self.used_tables.remove(&id);
@@ -1839,9 +1826,9 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// BPF_MAP_UPDATE_BATCH of u32 keys → u32 values (map fds for a map-in-map).
-/// On error: how many elements were applied (in order) and the error.
-fn update_batch(map_fd: std::os::fd::RawFd, keys: &[u32], values: &[u32]) -> std::result::Result<(), (usize, io::Error)> {
+/// BPF_MAP_UPDATE_BATCH of u32 keys → values (map fds for a map-in-map, chunks for a
+/// Maglev table). On error: how many elements were applied (in order) and the error.
+fn update_batch<V>(map_fd: std::os::fd::RawFd, keys: &[u32], values: &[V]) -> std::result::Result<(), (usize, io::Error)> {
     assert_eq!(keys.len(), values.len());
     let mut attr = BatchAttr { keys: keys.as_ptr() as u64, values: values.as_ptr() as u64, count: keys.len() as u32, map_fd: map_fd as u32, ..Default::default() };
     // SAFETY: attr points at keys/values that outlive the call; the kernel reads
@@ -1868,36 +1855,68 @@ fn delete_batch(map_fd: std::os::fd::RawFd, keys: &[u32]) -> std::result::Result
     Ok(())
 }
 
-/// Kernel BPF arrays store each element in round_up(value_size, 8) bytes, so
-/// in the mmapped value area the u32 of slot i is at u32 index 2*i.
-const SLOT_STRIDE: usize = 2;
+/// Number of chunks of a Maglev table of `m` slots.
+fn table_chunks(m: u32) -> usize {
+    (m as usize).div_ceil(MAGLEV_CHUNK)
+}
 
-/// Maps a Maglev table (an mmapable BPF array of `m` u32) and runs `f` on a
-/// plain slice of its slots; when `write` is set the slice is written back.
-fn with_mmap<R>(map: &MapData, m: u32, write: bool, key: ServiceKey, f: impl FnOnce(&mut [u32]) -> R) -> Result<R> {
-    let page = 4096usize;
-    let words = m as usize * SLOT_STRIDE;
-    let len = (words * 4).div_ceil(page) * page;
-    let prot = if write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-    let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE; the length is
-    // its value area (m elements of 8 bytes) rounded up to a page.
-    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
-    if ptr == libc::MAP_FAILED {
-        return Err(DatapathError::Mmap { key, source: io::Error::last_os_error() });
+/// A new, empty Maglev table for M = `m` (an inner map of fjord_maglev).
+fn create_table(m: u32) -> std::result::Result<MapData, MapError> {
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, (MAGLEV_CHUNK * 4) as u32, table_chunks(m) as u32, BPF_F_INNER_MAP);
+    MapData::create(obj, "fjord_mgl_tbl", None)
+}
+
+/// Writes a whole table (`m` backend ids, slot order) with one BPF_MAP_UPDATE_BATCH.
+/// Only for tables no packet reads (new, or spares past their grace period): array
+/// elements are copied in place.
+fn write_table(map: &MapData, m: u32, ids: impl Iterator<Item = u32>, key: ServiceKey) -> Result<()> {
+    thread_local! {
+        // one buffer per thread, reused: a fresh 64 KiB allocation per table costs page
+        // faults when the allocator hands memory back and forth with the kernel
+        static BUF: std::cell::RefCell<(Vec<u32>, Vec<[u32; MAGLEV_CHUNK]>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
-    // SAFETY: ptr is a valid mapping of at least `words` u32s until munmap below.
-    let area = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u32, words) };
-    let mut slots: Vec<u32> = area.iter().step_by(SLOT_STRIDE).copied().collect();
-    let r = f(&mut slots);
-    if write {
-        for (i, v) in slots.iter().enumerate() {
-            area[i * SLOT_STRIDE] = *v;
+    let n = table_chunks(m);
+    BUF.with_borrow_mut(|(keys, chunks)| {
+        keys.clear();
+        keys.extend(0..n as u32);
+        chunks.clear();
+        chunks.resize(n, [0u32; MAGLEV_CHUNK]);
+        for (slot, id) in chunks.as_flattened_mut().iter_mut().zip(ids) {
+            *slot = id;
+        }
+        update_batch(map.fd().as_fd().as_raw_fd(), keys, chunks).map_err(|(_, e)| DatapathError::Table { key, op: "write", source: e })
+    })
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// `union bpf_attr` as used by BPF_MAP_LOOKUP_ELEM.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads a whole table back: `m` backend ids in slot order.
+fn read_table(map: &MapData, m: u32, key: ServiceKey) -> Result<Vec<u32>> {
+    let n = table_chunks(m);
+    let mut chunks = vec![[0u32; MAGLEV_CHUNK]; n];
+    for (i, chunk) in chunks.iter_mut().enumerate() {
+        let k = i as u32;
+        let mut attr = ElemAttr { map_fd: map.fd().as_fd().as_raw_fd() as u32, key: &k as *const u32 as u64, value: chunk.as_mut_ptr() as u64, ..Default::default() };
+        // SAFETY: attr points at `k` and at one chunk (the map's value size), both live for the call.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>()) };
+        if r < 0 {
+            return Err(DatapathError::Table { key, op: "read", source: io::Error::last_os_error() });
         }
     }
-    // SAFETY: same ptr/len as mapped above; `area` is not used afterwards.
-    unsafe { libc::munmap(ptr, len) };
-    Ok(r)
+    let mut ids = chunks.into_flattened();
+    ids.truncate(m as usize);
+    Ok(ids)
 }
 
 fn pinned_max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
