@@ -192,6 +192,27 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((lo, hi))
 }
 
+/// Whether a live agent answers on `socket` (GET /healthz within 2 s). A socket that
+/// accepts connections but never answers (its process is being torn down) is stale.
+async fn agent_answers(socket: &std::path::Path) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::UnixStream::connect(socket).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: fjord\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await.ok()?;
+        buf[..n].starts_with(b"HTTP/1.1 200").then_some(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Some(())) => true,
+        Ok(None) => false,
+        Err(_) => {
+            warn!(socket = %socket.display(), "the API socket accepts connections but nobody answers; treating it as stale");
+            false
+        }
+    }
+}
+
 fn secs(d: Duration) -> u32 {
     d.as_secs().clamp(1, u32::MAX as u64) as u32
 }
@@ -221,7 +242,7 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     if args.api_socket.exists() {
-        if tokio::net::UnixStream::connect(&args.api_socket).await.is_ok() {
+        if agent_answers(&args.api_socket).await {
             bail!("another agent is already serving on {} (stop it first)", args.api_socket.display());
         }
         std::fs::remove_file(&args.api_socket).with_context(|| format!("removing stale socket {}", args.api_socket.display()))?;

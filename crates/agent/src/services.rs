@@ -575,8 +575,9 @@ fn frontends_of(cache: &Cache, id: &str, node: &LocalNode) -> Vec<fjord_lb::Serv
 }
 
 /// Services translated and programmed per chunk: bounds the memory of built
-/// Maglev tables (64 KiB each at M = 16381) and pays one RCU grace period per chunk.
-const PROGRAM_CHUNK: usize = 1024;
+/// Maglev tables (64 KiB each at M = 16381; two chunks are alive at a time) and pays
+/// one RCU grace period per chunk.
+const PROGRAM_CHUNK: usize = 512;
 
 /// Translates (Maglev) on up to 2 threads.
 fn translate_all(lbs: &[fjord_lb::Service], cfg: &LbConfig) -> Vec<(String, Result<Vec<fjord_lb::FrontendEntries>, String>)> {
@@ -594,74 +595,24 @@ fn translate_all(lbs: &[fjord_lb::Service], cfg: &LbConfig) -> Vec<(String, Resu
 /// Programs the datapath for the dirty services (all of them on a full sync):
 /// per service, desired frontends → Maglev → upsert; frontends it no longer
 /// has are deleted. On a full sync, frontends nobody owns (left from before a
-/// restart) are deleted too.
+/// restart) are deleted too. Chunks are pipelined: the Maglev tables of the next
+/// chunk are built while the current one is written to the kernel.
 fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String>, full: bool, node: &LocalNode) -> anyhow::Result<()> {
     let cfg = LbConfig { maglev_size: dp.config().maglev_size, ..LbConfig::default() };
     let mut wanted_all: HashSet<fjord_lb::ServiceKey> = HashSet::new();
-    for chunk in ids.chunks(PROGRAM_CHUNK) {
-        let lbs: Vec<fjord_lb::Service> = chunk.iter().flat_map(|id| frontends_of(cache, id, node)).collect();
-        let translated = translate_all(&lbs, &cfg);
-        let mut by_service: HashMap<String, Vec<fjord_lb::FrontendEntries>> = HashMap::new();
-        for (name, r) in translated {
-            match r {
-                Ok(fes) => by_service.entry(name).or_default().extend(fes),
-                Err(e) => {
-                    warn!(service = %name, error = %e, "service skipped");
-                    by_service.entry(name).or_default();
-                }
-            }
+    let chunks: Vec<&[String]> = ids.chunks(PROGRAM_CHUNK).collect();
+    let lbs: Vec<Vec<fjord_lb::Service>> =
+        chunks.iter().map(|chunk| chunk.iter().flat_map(|id| frontends_of(cache, id, node)).collect()).collect();
+    let cfg = &cfg;
+    std::thread::scope(|sc| -> anyhow::Result<()> {
+        let mut next = lbs.first().map(|l| sc.spawn(move || translate_all(l, cfg)));
+        for (k, chunk) in chunks.iter().enumerate() {
+            let translated = next.take().expect("translation of this chunk was started").join().expect("translate thread");
+            next = lbs.get(k + 1).map(|l| sc.spawn(move || translate_all(l, cfg)));
+            program_chunk(dp, cache, chunk, translated, &mut wanted_all)?;
         }
-        let mut entries = vec![];
-        let mut new_programmed: Vec<(String, Vec<fjord_lb::ServiceKey>, usize)> = vec![];
-        for id in chunk {
-            let fes = by_service.remove(id).unwrap_or_default();
-            let mut keys_of = vec![];
-            let mut nb = 0;
-            for fe in fes {
-                match cache.owner.get(&fe.key) {
-                    Some(o) if o != id && cache.services.contains_key(o) && !wanted_all.contains(&fe.key) && !chunk.contains(o) => {
-                        warn!(service = %id, frontend = %fe.key, owner = %o, "frontend already belongs to another service; skipped");
-                        continue;
-                    }
-                    _ => {}
-                }
-                if !wanted_all.insert(fe.key) {
-                    warn!(service = %id, frontend = %fe.key, "frontend listed by two services; skipped");
-                    continue;
-                }
-                keys_of.push(fe.key);
-                nb += fe.backends.len();
-                entries.push(fe);
-            }
-            new_programmed.push((id.clone(), keys_of, nb));
-        }
-        dp.upsert_many(&entries)?;
-        drop(entries);
-        let mut gone = vec![];
-        for (id, keys_of, nb) in new_programmed {
-            let (old_keys, old_nb) = cache.programmed.remove(&id).unwrap_or_default();
-            cache.frontends -= old_keys.len();
-            cache.backends -= old_nb;
-            for k in old_keys.iter().filter(|k| !keys_of.contains(k)) {
-                if cache.owner.get(k) == Some(&id) {
-                    cache.owner.remove(k);
-                    if !wanted_all.contains(k) {
-                        gone.push(*k);
-                    }
-                }
-            }
-            for k in &keys_of {
-                cache.owner.insert(*k, id.clone());
-            }
-            cache.frontends += keys_of.len();
-            cache.backends += nb;
-            if !keys_of.is_empty() || cache.services.contains_key(&id) {
-                cache.programmed.insert(id, (keys_of, nb));
-            }
-        }
-        // frontends the services dropped: one batch (one RCU grace period for their tables)
-        dp.delete_many(&gone)?;
-    }
+        Ok(())
+    })?;
     if full {
         let stale: Vec<fjord_lb::ServiceKey> = dp.services().into_iter().filter(|k| !wanted_all.contains(k)).collect();
         for k in &stale {
@@ -669,6 +620,77 @@ fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String
         }
         dp.delete_many(&stale)?;
     }
+    Ok(())
+}
+
+/// Writes one translated chunk of services to the datapath and the bookkeeping.
+fn program_chunk(
+    dp: &mut fjord_datapath::Datapath,
+    cache: &mut Cache,
+    chunk: &[String],
+    translated: Vec<(String, Result<Vec<fjord_lb::FrontendEntries>, String>)>,
+    wanted_all: &mut HashSet<fjord_lb::ServiceKey>,
+) -> anyhow::Result<()> {
+    let mut by_service: HashMap<String, Vec<fjord_lb::FrontendEntries>> = HashMap::new();
+    for (name, r) in translated {
+        match r {
+            Ok(fes) => by_service.entry(name).or_default().extend(fes),
+            Err(e) => {
+                warn!(service = %name, error = %e, "service skipped");
+                by_service.entry(name).or_default();
+            }
+        }
+    }
+    let mut entries = vec![];
+    let mut new_programmed: Vec<(String, Vec<fjord_lb::ServiceKey>, usize)> = vec![];
+    for id in chunk {
+        let fes = by_service.remove(id).unwrap_or_default();
+        let mut keys_of = vec![];
+        let mut nb = 0;
+        for fe in fes {
+            match cache.owner.get(&fe.key) {
+                Some(o) if o != id && cache.services.contains_key(o) && !wanted_all.contains(&fe.key) && !chunk.contains(o) => {
+                    warn!(service = %id, frontend = %fe.key, owner = %o, "frontend already belongs to another service; skipped");
+                    continue;
+                }
+                _ => {}
+            }
+            if !wanted_all.insert(fe.key) {
+                warn!(service = %id, frontend = %fe.key, "frontend listed by two services; skipped");
+                continue;
+            }
+            keys_of.push(fe.key);
+            nb += fe.backends.len();
+            entries.push(fe);
+        }
+        new_programmed.push((id.clone(), keys_of, nb));
+    }
+    dp.upsert_many(&entries)?;
+    drop(entries);
+    let mut gone = vec![];
+    for (id, keys_of, nb) in new_programmed {
+        let (old_keys, old_nb) = cache.programmed.remove(&id).unwrap_or_default();
+        cache.frontends -= old_keys.len();
+        cache.backends -= old_nb;
+        for k in old_keys.iter().filter(|k| !keys_of.contains(k)) {
+            if cache.owner.get(k) == Some(&id) {
+                cache.owner.remove(k);
+                if !wanted_all.contains(k) {
+                    gone.push(*k);
+                }
+            }
+        }
+        for k in &keys_of {
+            cache.owner.insert(*k, id.clone());
+        }
+        cache.frontends += keys_of.len();
+        cache.backends += nb;
+        if !keys_of.is_empty() || cache.services.contains_key(&id) {
+            cache.programmed.insert(id, (keys_of, nb));
+        }
+    }
+    // frontends the services dropped: one batch (one RCU grace period for their tables)
+    dp.delete_many(&gone)?;
     Ok(())
 }
 
