@@ -22,12 +22,14 @@
  *       (port from the SNAT range, collision retries) so replies come back here.
  *   fjord_to_net    (egress of the node's underlay device)
  *       masquerade: pod traffic to destinations outside the cluster CIDR leaves
- *       with the node's address (eBPF SNAT, port allocation with retries).
+ *       with the node's address (eBPF SNAT, port allocation with retries); ICMP
+ *       echo requests too (the identifier is allocated like a port).
  * No loops over services or backends: every decision is a map lookup.
  * TCP state is tracked per entry (SYN, established, closing) with per-protocol
  * timeouts from fj_config; the agent's GC removes expired entries, the LRU map
  * evicts the oldest when full (new flows are never refused for lack of space).
- * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments, ICMP.
+ * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments, ICMP
+ * other than masqueraded echo (ICMP errors about masqueraded flows are not translated).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -55,14 +57,28 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define FJ_UDP_CSUM_OFF (FJ_L4_OFF + offsetof(struct udphdr, check))
 #define FJ_SPORT_OFF FJ_L4_OFF
 #define FJ_DPORT_OFF (FJ_L4_OFF + 2)
+/* ICMP echo: the identifier plays the port (source side of a request, destination
+ * side of a reply), so masquerade treats a ping like a UDP flow */
+#define FJ_ICMP_CSUM_OFF (FJ_L4_OFF + 2)
+#define FJ_ICMP_ID_OFF (FJ_L4_OFF + 4)
+#define FJ_ICMP_ECHOREPLY 0
+#define FJ_ICMP_ECHO 8
+
+/* minimal ICMPv4 header (linux/icmp.h drags in libc headers) */
+struct fj_icmphdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be32 unused; /* echo: identifier, sequence */
+};
 
 struct fj_tuple {
 	__be32 saddr;
 	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
+	__be16 sport; /* ICMP echo request: the identifier (dport 0) */
+	__be16 dport; /* ICMP echo reply: the identifier (sport 0) */
 	__u8 proto;
-	__u8 tcp_flags; /* byte 13 of the TCP header, 0 for UDP */
+	__u8 tcp_flags; /* byte 13 of the TCP header, 0 for UDP; the type for ICMP */
 };
 
 /* Parse Ethernet/IPv4/TCP|UDP. Returns 0 and fills t if the packet is one we
@@ -87,6 +103,26 @@ static __always_inline int fj_parse(struct __sk_buff *skb, struct fj_tuple *t)
 		return -1;
 	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
 		return -1;
+	if (ip->protocol == IPPROTO_ICMP) {
+		struct fj_icmphdr *ic = (void *)(ip + 1);
+		if ((void *)(ic + 1) > data_end || ic->code != 0)
+			return -1;
+		__be16 id = *(__be16 *)&ic->unused;
+		if (ic->type == FJ_ICMP_ECHO) {
+			t->sport = id;
+			t->dport = 0;
+		} else if (ic->type == FJ_ICMP_ECHOREPLY) {
+			t->sport = 0;
+			t->dport = id;
+		} else {
+			return -1;
+		}
+		t->saddr = ip->saddr;
+		t->daddr = ip->daddr;
+		t->proto = IPPROTO_ICMP;
+		t->tcp_flags = ic->type;
+		return 0;
+	}
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return -1;
 	__be16 *ports = (void *)(ip + 1);
@@ -118,6 +154,22 @@ static __always_inline int fj_parse(struct __sk_buff *skb, struct fj_tuple *t)
 static __always_inline int fj_rewrite(struct __sk_buff *skb, __u8 proto, __u32 ip_off, __be32 old_ip,
 				      __be32 new_ip, __u32 port_off, __be16 old_port, __be16 new_port)
 {
+	if (proto == IPPROTO_ICMP) {
+		/* no pseudo header in the ICMP checksum; the identifier is the "port" */
+		if (old_ip != new_ip) {
+			if (bpf_l3_csum_replace(skb, FJ_IP_CSUM_OFF, old_ip, new_ip, 4))
+				return -1;
+			if (bpf_skb_store_bytes(skb, ip_off, &new_ip, 4, 0))
+				return -1;
+		}
+		if (old_port != new_port) {
+			if (bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, old_port, new_port, 2))
+				return -1;
+			if (bpf_skb_store_bytes(skb, FJ_ICMP_ID_OFF, &new_port, 2, 0))
+				return -1;
+		}
+		return 0;
+	}
 	__u32 csum_off = proto == IPPROTO_TCP ? FJ_TCP_CSUM_OFF : FJ_UDP_CSUM_OFF;
 	__u64 l4flags = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
@@ -198,13 +250,6 @@ static __always_inline int fj_reply_rst(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-/* minimal ICMPv4 header (linux/icmp.h drags in libc headers) */
-struct fj_icmphdr {
-	__u8 type;
-	__u8 code;
-	__sum16 checksum;
-	__be32 unused;
-};
 #define FJ_ICMP_DEST_UNREACH 3
 #define FJ_ICMP_PORT_UNREACH 3
 
@@ -611,7 +656,7 @@ SEC("classifier")
 int fjord_from_pod(struct __sk_buff *skb)
 {
 	struct fj_tuple t = {};
-	if (fj_parse(skb, &t))
+	if (fj_parse(skb, &t) || t.proto == IPPROTO_ICMP) /* ICMP: only masquerade (fjord_to_net) */
 		return TC_ACT_OK;
 	struct fj_config *cfg = fj_cfg();
 	if (!cfg)
@@ -664,7 +709,7 @@ SEC("classifier")
 int fjord_to_pod(struct __sk_buff *skb)
 {
 	struct fj_tuple t = {};
-	if (fj_parse(skb, &t))
+	if (fj_parse(skb, &t) || t.proto == IPPROTO_ICMP)
 		return TC_ACT_OK;
 	struct fj_config *cfg = fj_cfg();
 	if (!cfg)
@@ -691,7 +736,7 @@ int fjord_from_net(struct __sk_buff *skb)
 	/* 1. a remote backend answers a NodePort flow we SNATed */
 	struct fj_ct_key ck;
 	fj_ct_key_of(&ck, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
-	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+	struct fj_ct_value *ct = t.proto == IPPROTO_ICMP ? 0 : bpf_map_lookup_elem(&fjord_ct, &ck);
 	if (ct) {
 		if (ct->flags & FJ_CT_F_SNAT)
 			return fj_do_reply(skb, &t, ct, cfg, now, 1);
@@ -711,6 +756,8 @@ int fjord_from_net(struct __sk_buff *skb)
 		fj_count(FJ_STAT_REVNAT);
 		return TC_ACT_OK;
 	}
+	if (t.proto == IPPROTO_ICMP) /* echo replies to masqueraded pings only */
+		return TC_ACT_OK;
 	/* 3. an established NodePort flow */
 	ck.dir = FJ_CT_DIR_FWD;
 	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
@@ -762,6 +809,8 @@ int fjord_to_net(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if ((t.saddr & cfg->cluster_mask) != cfg->cluster_net || (t.daddr & cfg->cluster_mask) == cfg->cluster_net)
 		return TC_ACT_OK;
+	if (t.proto == IPPROTO_ICMP && t.tcp_flags != FJ_ICMP_ECHO)
+		return TC_ACT_OK; /* ICMP: pings (echo requests) are masqueraded, like a UDP flow */
 	__u64 now = bpf_ktime_get_ns();
 	struct fj_ct_key fk;
 	fj_ct_key_of(&fk, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_SNAT_FWD);

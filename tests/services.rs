@@ -415,8 +415,26 @@ async fn hairpin_session_affinity_and_masquerade() {
         assert_eq!(seen, c.node().address.to_string(), "the outside sees the node, not the pod");
     }
     let m = c.client().metrics().await.unwrap();
-    assert!(metric(&m, "fjord_datapath_events{event=\"snat_new\"") >= 5, "{m}");
+    let snat = metric(&m, "fjord_datapath_events{event=\"snat_new\"");
+    assert!(snat >= 5, "{m}");
     assert_eq!(metric(&m, "fjord_datapath_events{event=\"snat_fail\""), 0);
+
+    // ICMP echo is masqueraded too (the identifier is allocated like a port): the outside
+    // sees the node's address, and the reply reaches the pod.
+    let ext_ip = c.state.ext_address.to_string();
+    let sniff = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ext.display()))
+        .args(["python3", "-c", "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(10)\nwhile True:\n    p, a = s.recvfrom(256)\n    if p[20] == 8: print(a[0]); break"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ICMP listener in the external namespace");
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out) = run_in_ns(&cns, &["ping", "-c", "2", "-W", "3", &ext_ip]);
+    assert_eq!(code, 0, "pod pings the outside through masquerade: {out}");
+    let seen = sniff.wait_with_output().expect("listener output");
+    assert_eq!(String::from_utf8_lossy(&seen.stdout).trim(), c.node().address.to_string(), "the outside sees pings from the node");
+    let m = c.client().metrics().await.unwrap();
+    assert!(metric(&m, "fjord_datapath_events{event=\"snat_new\"") > snat, "a ping took a SNAT identifier: {m}");
 }
 
 const NODEPORT: &str = r#"
