@@ -313,7 +313,6 @@ static __always_inline int fj_reply_icmp_unreach(struct __sk_buff *skb)
 #define FJ_TCP_RST 0x04
 #define FJ_TCP_ACK 0x10
 #define FJ_SNAT_TRIES 16
-#define FJ_NS 1000000000ULL
 
 static __always_inline int fj_is_syn(struct fj_tuple *t)
 {
@@ -505,43 +504,8 @@ static __always_inline struct fj_backend *fj_select(struct fj_tuple *t, struct f
 						    __u32 table_id, __u32 svc_flags, __u32 aff_timeout, __u64 now,
 						    __u32 *bid_out)
 {
-	struct fj_affinity_key ak = {};
-	ak.service_id = service_id;
-	ak.client_ip = t->saddr;
-	if (svc_flags & FJ_SVC_F_AFFINITY) {
-		struct fj_affinity_value *av = bpf_map_lookup_elem(&fjord_affinity, &ak);
-		if (av && now >= av->last_ns && now - av->last_ns <= (__u64)aff_timeout * FJ_NS) {
-			__u32 abid = av->backend_id;
-			struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &abid);
-			if (be) {
-				av->last_ns = now;
-				*bid_out = abid;
-				fj_count(FJ_STAT_AFFINITY);
-				return be;
-			}
-		}
-	}
-	void *table = bpf_map_lookup_elem(&fjord_maglev, &table_id);
-	if (!table)
-		return 0;
-	__u32 slot = fj_flow_hash(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto) %
-		     cfg->maglev_size;
-	__u32 chunk = slot / FJ_MAGLEV_CHUNK;
-	struct fj_maglev_chunk *chk = bpf_map_lookup_elem(table, &chunk);
-	if (!chk)
-		return 0;
-	__u32 bid = chk->backend_id[slot & (FJ_MAGLEV_CHUNK - 1)];
-	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
-	if (!be)
-		return 0;
-	if (svc_flags & FJ_SVC_F_AFFINITY) {
-		struct fj_affinity_value nv = {};
-		nv.backend_id = bid;
-		nv.last_ns = now;
-		bpf_map_update_elem(&fjord_affinity, &ak, &nv, BPF_ANY);
-	}
-	*bid_out = bid;
-	return be;
+	return fj_pick(cfg, service_id, table_id, svc_flags, aff_timeout, t->saddr,
+		       fj_flow_hash(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto), now, bid_out);
 }
 
 /* Reserve a free SNAT port: insert the reply-side entry `rk` (its dport is the

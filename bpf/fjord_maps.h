@@ -121,4 +121,52 @@ static __always_inline __u32 fj_flow_hash(__u32 saddr, __u32 daddr, __u32 ports,
 	return c;
 }
 
+#define FJ_NS 1000000000ULL
+
+/* Backend choice for a new flow of a service, shared by the tc programs and the
+ * socket-level LB: sessionAffinity ClientIP first (an entry younger than the
+ * timeout whose backend still exists), else Maglev slot `hash % M`; an affinity
+ * service remembers the choice for `client_ip`. */
+static __always_inline struct fj_backend *fj_pick(struct fj_config *cfg, __u32 service_id, __u32 table_id,
+						  __u32 svc_flags, __u32 aff_timeout, __be32 client_ip, __u32 hash,
+						  __u64 now, __u32 *bid_out)
+{
+	struct fj_affinity_key ak = {};
+	ak.service_id = service_id;
+	ak.client_ip = client_ip;
+	if (svc_flags & FJ_SVC_F_AFFINITY) {
+		struct fj_affinity_value *av = bpf_map_lookup_elem(&fjord_affinity, &ak);
+		if (av && now >= av->last_ns && now - av->last_ns <= (__u64)aff_timeout * FJ_NS) {
+			__u32 abid = av->backend_id;
+			struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &abid);
+			if (be) {
+				av->last_ns = now;
+				*bid_out = abid;
+				fj_count(FJ_STAT_AFFINITY);
+				return be;
+			}
+		}
+	}
+	void *table = bpf_map_lookup_elem(&fjord_maglev, &table_id);
+	if (!table)
+		return 0;
+	__u32 slot = hash % cfg->maglev_size;
+	__u32 chunk = slot / FJ_MAGLEV_CHUNK;
+	struct fj_maglev_chunk *chk = bpf_map_lookup_elem(table, &chunk);
+	if (!chk)
+		return 0;
+	__u32 bid = chk->backend_id[slot & (FJ_MAGLEV_CHUNK - 1)];
+	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
+	if (!be)
+		return 0;
+	if (svc_flags & FJ_SVC_F_AFFINITY) {
+		struct fj_affinity_value nv = {};
+		nv.backend_id = bid;
+		nv.last_ns = now;
+		bpf_map_update_elem(&fjord_affinity, &ak, &nv, BPF_ANY);
+	}
+	*bid_out = bid;
+	return be;
+}
+
 #endif /* FJORD_MAPS_H */

@@ -7,7 +7,9 @@
  *   cgroup/recvmsg4     UDP source address shown as VIP:port again
  *   cgroup/getpeername4 getpeername() shows VIP:port again
  * The backend is chosen with the same Maglev tables as the tc path, by a hash
- * of the socket cookie. A service without backends makes connect() fail (EPERM).
+ * of the socket cookie; sessionAffinity ClientIP keeps the node's processes (one
+ * client: the node address) on one backend. A service without backends makes
+ * connect() fail (EPERM).
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -32,7 +34,8 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
 	if (!svc)
 		return 1;
-	__u32 table_id = svc->table_id;
+	__u32 service_id = svc->service_id, table_id = svc->table_id, flags = svc->flags;
+	__u32 aff_timeout = svc->affinity_timeout_s;
 	if (svc->backend_count == 0) {
 		fj_count(FJ_STAT_NO_BACKEND);
 		return 0;
@@ -41,18 +44,12 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 	struct fj_config *cfg = bpf_map_lookup_elem(&fjord_config, &zero);
 	if (!cfg || cfg->maglev_size == 0)
 		return 1;
-	void *table = bpf_map_lookup_elem(&fjord_maglev, &table_id);
-	if (!table)
-		return 1;
+	/* the node's processes are one client for sessionAffinity: the node address is
+	 * their source address toward the service */
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	__u32 slot = fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto) %
-		     cfg->maglev_size;
-	__u32 chunk = slot / FJ_MAGLEV_CHUNK;
-	struct fj_maglev_chunk *chk = bpf_map_lookup_elem(table, &chunk);
-	if (!chk)
-		return 1;
-	__u32 bid = chk->backend_id[slot & (FJ_MAGLEV_CHUNK - 1)];
-	struct fj_backend *be = bpf_map_lookup_elem(&fjord_backends, &bid);
+	__u32 bid = 0;
+	struct fj_backend *be = fj_pick(cfg, service_id, table_id, flags, aff_timeout, cfg->node_ip,
+					fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto), bpf_ktime_get_ns(), &bid);
 	if (!be) {
 		fj_count(FJ_STAT_ERROR);
 		return 1;

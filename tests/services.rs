@@ -403,6 +403,17 @@ async fn hairpin_session_affinity_and_masquerade() {
     assert_eq!(words.nth(1), Some(solo_vip.to_string().as_str()), "getpeername shows the VIP: {out}");
     let m = c.client().metrics().await.unwrap();
     assert!(metric(&m, "fjord_datapath_events{event=\"sock_lb\"") >= 1, "{m}");
+    // ... and sessionAffinity holds for them too (the node is one client): 30 connections,
+    // one backend (without affinity: p = 3 * 3^-30 of all landing on one).
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec python3 -c \"import socket\nfor _ in range(30): print(socket.create_connection(('{sticky_vip}', 80), 5).recv(64).decode().split()[0])\"",
+        cg.display()
+    );
+    let (code, out) = run_in_ns(&c.node_netns(), &["sh", "-c", &script]);
+    assert_eq!(code, 0, "{out}");
+    let names: std::collections::BTreeSet<&str> = out.split_whitespace().collect();
+    assert_eq!(names.len(), 1, "socket-LB connections of the node stick to one backend: {out}");
+    assert!(names.iter().all(|n| n.starts_with("sticky")), "{out}");
 
     // Masquerade: a pod reaching "the internet" (the external namespace, outside the cluster
     // CIDR) arrives with the node's address; the reply finds its way back.
