@@ -395,6 +395,8 @@ struct Prepared {
     pooled: Option<(u32, MapData)>,
     /// table id allocated for a new service by prepare() (freed again by abort())
     fresh_table: bool,
+    /// a new kernel table is still to be created and written (build_fresh_tables)
+    needs_table: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -817,6 +819,10 @@ impl Datapath {
                 }
             }
         }
+        if let Err(e) = self.build_fresh_tables(entries, &mut prepared) {
+            self.abort_all(prepared, true);
+            return Err(e);
+        }
         // ---- table switches, concurrently ----
         let results = self.switch_tables(&mut prepared);
         if let Some(pos) = results.iter().position(|r| r.is_err()) {
@@ -908,6 +914,7 @@ impl Datapath {
             options: fe.options,
             pooled: None,
             fresh_table: false,
+            needs_table: false,
         };
         if !fe.backends.is_empty() {
             match p.existing.as_ref().map(|s| s.table_id).filter(|t| *t != NO_TABLE) {
@@ -973,9 +980,10 @@ impl Datapath {
                         }
                     }
                 }
-                let inner = create_table(m).map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?;
-                write_table(&inner, m, fe.maglev.iter().map(|&i| p.index_ids[i as usize]), key)?;
-                Ok((Some(inner), previous))
+                // a new kernel table: created and written by build_fresh_tables, for the
+                // whole chunk on several threads
+                p.needs_table = true;
+                Ok((None, previous))
             })();
             match res {
                 Ok((inner, previous)) => {
@@ -997,6 +1005,47 @@ impl Datapath {
             }
         }
         Ok(p)
+    }
+
+    /// Creates and writes the new kernel tables of a chunk (`needs_table`) on up to
+    /// two threads: it is most of the kernel work of a bulk install, and independent
+    /// per table.
+    fn build_fresh_tables(&self, entries: &[FrontendEntries], prepared: &mut [Prepared]) -> Result<()> {
+        let m = self.cfg.maglev_size;
+        let todo: Vec<usize> = (0..prepared.len()).filter(|&i| prepared[i].needs_table).collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let build = |i: usize, p: &Prepared| -> Result<MapData> {
+            let key = p.key;
+            let inner = create_table(m).map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?;
+            write_table(&inner, m, entries[i].maglev.iter().map(|&x| p.index_ids[x as usize]), key)?;
+            Ok(inner)
+        };
+        let threads = if todo.len() >= 16 { std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 2) } else { 1 };
+        let shared: &[Prepared] = prepared;
+        let built: Vec<(usize, Result<MapData>)> = if threads == 1 {
+            todo.iter().map(|&i| (i, build(i, &shared[i]))).collect()
+        } else {
+            let per = todo.len().div_ceil(threads);
+            std::thread::scope(|sc| {
+                let hs: Vec<_> = todo.chunks(per).map(|part| sc.spawn(move || part.iter().map(|&i| (i, build(i, &shared[i]))).collect::<Vec<_>>())).collect();
+                hs.into_iter().flat_map(|h| h.join().expect("table build thread")).collect()
+            })
+        };
+        let mut first_err = None;
+        for (i, r) in built {
+            match r {
+                Ok(md) => {
+                    prepared[i].inner = Some(md);
+                    prepared[i].needs_table = false;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Switches the prepared tables in (replace in place under the service id).

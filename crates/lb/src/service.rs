@@ -230,8 +230,9 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
         source,
     })?;
     let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(svc.frontends.len());
-    let mut built: Vec<(Vec<(String, u32)>, Vec<u32>)> = Vec::new();
+    let mut out: Vec<FrontendEntries> = Vec::with_capacity(svc.frontends.len());
+    // (backend set, index in `out` of the frontend whose table was built from it)
+    let mut built: Vec<(Vec<(String, u32)>, usize)> = Vec::new();
     for (fi, fe) in svc.frontends.iter().enumerate() {
         let service = svc.name.clone();
         if fe.port == 0 {
@@ -289,12 +290,11 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
         // frontends of one service usually share their backends (ClusterIP and NodePort
         // on every node address, TCP and UDP of one port): build each distinct table once
         let table = match built.iter().find(|(w, _)| *w == weighted) {
-            Some((_, t)) => t.clone(),
+            Some((_, i)) => out[*i].maglev.clone(),
             None => {
-                let t = maglev::build_table(&weighted, cfg.maglev_size, cfg.seed)
-                    .map_err(|source| TranslateError::Maglev { service: service.clone(), key, source })?;
-                built.push((weighted, t.clone()));
-                t
+                built.push((weighted, out.len()));
+                maglev::build_table(&built.last().expect("pushed").0, cfg.maglev_size, cfg.seed)
+                    .map_err(|source| TranslateError::Maglev { service: service.clone(), key, source })?
             }
         };
         out.push(FrontendEntries {
@@ -347,6 +347,10 @@ mod tests {
             // both backends are used
             assert!(fe.maglev.contains(&0) && fe.maglev.contains(&1));
         }
+        // same backend set (ip:port) on both frontends: one table, as built on its own
+        assert_eq!(out[0].maglev, out[1].maglev);
+        let keys: Vec<(String, u32)> = vec![("10.244.1.5:53".into(), 1), ("10.244.1.6:53".into(), 1)];
+        assert_eq!(out[1].maglev, maglev::build_table(&keys, 251, LbConfig::default().seed).unwrap());
     }
 
     #[test]
