@@ -656,12 +656,7 @@ impl Datapath {
             if v.table_id != NO_TABLE {
                 used_tables.insert(v.table_id);
                 let inner = self.maglev_map.get(&v.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table {}", v.table_id)))?;
-                let mut seen = HashSet::new();
-                for id in read_table(&inner, m, key)? {
-                    if seen.insert(id) {
-                        ids.push(id);
-                    }
-                }
+                ids = distinct_in_order(&read_table(&inner, m, key)?);
             }
             for id in &ids {
                 *used_backends.entry(*id).or_default() += 1;
@@ -1859,6 +1854,7 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
     std::fs::remove_dir(dir).map_err(err)
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `union bpf_attr` as used by the BPF_MAP_*_BATCH commands.
@@ -1902,6 +1898,31 @@ fn delete_batch(map_fd: std::os::fd::RawFd, keys: &[u32]) -> std::result::Result
         return Err(((attr.count as usize).min(keys.len()), e));
     }
     Ok(())
+}
+
+/// The distinct backend ids of a table in order of first use. A table holds few
+/// distinct ids in long runs: a short list beats hashing all M slots.
+fn distinct_in_order(slots: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::new();
+    let mut seen: Option<HashSet<u32>> = None;
+    let mut last = None;
+    for &id in slots {
+        if last == Some(id) {
+            continue;
+        }
+        last = Some(id);
+        let new = match &mut seen {
+            Some(set) => set.insert(id),
+            None => !out.contains(&id),
+        };
+        if new {
+            out.push(id);
+            if seen.is_none() && out.len() > 32 {
+                seen = Some(out.iter().copied().collect());
+            }
+        }
+    }
+    out
 }
 
 /// Number of chunks of a Maglev table of `m` slots.
@@ -1950,17 +1971,36 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// Reads a whole table back: `m` backend ids in slot order.
+/// Reads a whole table back: `m` backend ids in slot order (one BPF_MAP_LOOKUP_BATCH;
+/// one lookup per chunk where the kernel refuses the batch).
 fn read_table(map: &MapData, m: u32, key: ServiceKey) -> Result<Vec<u32>> {
     let n = table_chunks(m);
+    let fd = map.fd().as_fd().as_raw_fd();
     let mut chunks = vec![[0u32; MAGLEV_CHUNK]; n];
-    for (i, chunk) in chunks.iter_mut().enumerate() {
-        let k = i as u32;
-        let mut attr = ElemAttr { map_fd: map.fd().as_fd().as_raw_fd() as u32, key: &k as *const u32 as u64, value: chunk.as_mut_ptr() as u64, ..Default::default() };
-        // SAFETY: attr points at `k` and at one chunk (the map's value size), both live for the call.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>()) };
-        if r < 0 {
-            return Err(DatapathError::Table { key, op: "read", source: io::Error::last_os_error() });
+    let mut keys = vec![0u32; n];
+    let mut next = 0u32;
+    let mut attr = BatchAttr {
+        out_batch: &mut next as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: chunks.as_mut_ptr() as u64,
+        count: n as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr points at `next`, `keys` (n u32) and `chunks` (n values of the map's
+    // value size), all alive for the call; the kernel writes at most `count` of each.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
+    let complete = attr.count as usize == n && keys.iter().enumerate().all(|(i, k)| *k as usize == i);
+    // an array answers ENOENT once it has reached its end, with every element copied
+    if !(complete && (r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT))) {
+        for (i, chunk) in chunks.iter_mut().enumerate() {
+            let k = i as u32;
+            let mut attr = ElemAttr { map_fd: fd as u32, key: &k as *const u32 as u64, value: chunk.as_mut_ptr() as u64, ..Default::default() };
+            // SAFETY: attr points at `k` and at one chunk (the map's value size), both live for the call.
+            let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>()) };
+            if r < 0 {
+                return Err(DatapathError::Table { key, op: "read", source: io::Error::last_os_error() });
+            }
         }
     }
     let mut ids = chunks.into_flattened();
@@ -1979,6 +2019,15 @@ fn pinned_max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_ids_keep_first_use_order() {
+        assert_eq!(distinct_in_order(&[]), Vec::<u32>::new());
+        assert_eq!(distinct_in_order(&[7, 7, 3, 7, 9, 3, 9]), vec![7, 3, 9]);
+        // past 32 distinct ids a set takes over; order and uniqueness stay
+        let many: Vec<u32> = (0..100u32).chain(0..100).chain((0..100).rev()).collect();
+        assert_eq!(distinct_in_order(&many), (0..100).collect::<Vec<_>>());
+    }
 
     #[test]
     fn datapath_can_move_between_threads() {

@@ -122,7 +122,7 @@ fn program_many_services() {
     let (n, m, nb) = (env("FJTDP_SERVICES", 10000), env("FJTDP_MAGLEV", 1021), env("FJTDP_BACKENDS", 3));
     let pins = PinDir::new();
     let cfg = DatapathConfig { maglev_size: m, max_services: n, max_backends: n * nb, ct_entries: 1024, ..pins.config() };
-    let mut dp = Datapath::load(cfg).expect("load");
+    let mut dp = Datapath::load(cfg.clone()).expect("load");
     let make = |nb: u32| -> Vec<FrontendEntries> {
         (0..n)
             .map(|i| {
@@ -152,7 +152,15 @@ fn program_many_services() {
         dp.upsert(e).unwrap();
     }
     let t_single = t.elapsed();
+    // an agent restart: the pinned maps are adopted and the bookkeeping rebuilt from them
+    let t = Instant::now();
+    drop(dp);
+    let dp = Datapath::load(cfg.clone()).expect("reload from pins");
+    let t_reload = t.elapsed();
+    assert_eq!(dp.services().len(), n as usize, "every frontend recovered");
+    assert_eq!(dp.maglev_table(&changed[0].key).unwrap().len(), m as usize);
     println!("services={n} maglev={m} backends/service={nb}");
+    println!("  reload from pins (recover)        {t_reload:?} ({:.1} µs/svc)", per(t_reload, n));
     println!("  translate (fjord-lb, Maglev)      {t_translate:?} ({:.1} µs/svc)", per(t_translate, n));
     println!("  upsert_many, fresh                {t_fresh:?} ({:.1} µs/svc)", per(t_fresh, n));
     println!("  upsert_many, unchanged (resync)   {t_same:?} ({:.1} µs/svc)", per(t_same, n));
