@@ -2,7 +2,9 @@
 //!
 //! Run: `cargo bench -p fjord-gateway --bench vs_nginx` (needs `wrk` and `nginx` on PATH).
 //! Environment: `FJTGW_BENCH_SECS` (default 5) seconds per wrk run, `FJTGW_BENCH_CONNS`
-//! (default 32) connections, `FJTGW_BENCH_WORKERS` (default 1) worker threads for both proxies.
+//! (default 32) connections, `FJTGW_BENCH_WORKERS` (default 1) worker threads for both proxies,
+//! `FJTGW_BENCH_GATEWAY_BIN` another fjord-gateway binary to measure (interleaved A/B runs of an
+//! old and a new build against the same nginx).
 //!
 //! Setup: two `fjord-echo` backends (separate processes); fjord-gateway configured with the
 //! seed HTTPRoute (PathPrefix /api/v2, 90/10 weights); nginx configured with the same route and
@@ -147,7 +149,7 @@ fn main() {
     }
     let dir = tempfile::Builder::new().prefix("fjtgw-bench-").tempdir().unwrap();
     let echo_bin = PathBuf::from(env!("CARGO_BIN_EXE_fjord-echo"));
-    let gw_bin = PathBuf::from(env!("CARGO_BIN_EXE_fjord-gateway"));
+    let gw_bin = std::env::var_os("FJTGW_BENCH_GATEWAY_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fjord-gateway")));
 
     let (p1, p2, pg, pn) = (free_port(), free_port(), free_port(), free_port());
     let mut procs = Vec::new();
@@ -260,6 +262,7 @@ http {{
     wait_port(pn, "nginx");
 
     let targets = [("direct (floor)", p1, None), ("fjord-gateway", pg, Some(&gw)), ("nginx", pn, Some(&ng))];
+    println!("# gateway binary {}", gw_bin.display());
     println!("# wrk -t1 -c{conns} -d{secs}s, proxies with {workers} worker thread(s)/process(es), 2 echo backends, 90/10 split, path /api/v2/bench");
     let mut results = Vec::new();
     for close in [false, true] {

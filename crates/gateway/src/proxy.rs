@@ -27,6 +27,9 @@ use crate::metrics::Metrics;
 use crate::resolver::AppProtocol;
 use crate::table::*;
 
+#[path = "fast.rs"]
+mod fast;
+
 /// Body type used for everything the proxy sends.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -76,6 +79,8 @@ struct Inner {
     h1: Client<HttpConnector, ProxyBody>,
     h2: Client<HttpConnector, ProxyBody>,
     pool: crate::pool::H1Pool,
+    /// Backend connections of the HTTP/1.1 fast path.
+    raw_pool: fast::RawPool,
     ports: Mutex<HashMap<u16, PortHandle>>,
     /// Serialises `apply` calls.
     apply_lock: tokio::sync::Mutex<()>,
@@ -171,6 +176,7 @@ impl Gateway {
             inner: Arc::new(Inner {
                 table: ArcSwap::from_pointee(RoutingTable::default()),
                 pool: crate::pool::H1Pool::new(1024, opts.connect_timeout, opts.workers.len() > 1),
+                raw_pool: fast::RawPool::new(1024, opts.workers.len() > 1),
                 opts,
                 h1,
                 h2,
@@ -368,7 +374,14 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
             }
         }
         let h2 = buf.starts_with(H2_PREFACE);
-        serve_http(inner, Prefixed { pre: buf.freeze(), io: TokioIo::new(tcp) }, ConnCtx::new(port, peer, false), h2).await
+        let ctx = ConnCtx::new(port, peer, false);
+        if !h2 {
+            match fast::serve(&inner, &mut tcp, &mut buf, &ctx).await {
+                fast::Next::Done => return,
+                fast::Next::Hyper => {}
+            }
+        }
+        serve_http(inner, Prefixed { pre: buf.freeze(), io: TokioIo::new(tcp) }, ctx, h2).await
     }
 }
 
@@ -542,6 +555,63 @@ fn modified_path(pm: &PathModifier, entry: &RouteEntry, path: &str) -> String {
     }
 }
 
+/// The request head towards the backend (shared by the hyper path and the HTTP/1.1 fast
+/// path): hop-by-hop headers stripped, Host kept (or set from the client's authority),
+/// the rule's and the backend's header filters, URLRewrite, X-Forwarded-For/-Proto.
+/// Returns the upstream path and query (or the local answer when the rewritten path is
+/// invalid).
+fn upstream_head(
+    headers: &mut http::HeaderMap,
+    client_pq: Option<&http::uri::PathAndQuery>,
+    entry: &RouteEntry,
+    backend: &Backend,
+    raw_host: &HeaderValue,
+    ctx: &ConnCtx,
+) -> Result<http::uri::PathAndQuery, Response<ProxyBody>> {
+    let rule = &entry.rule;
+    strip_hop_by_hop(headers);
+    if !headers.contains_key(header::HOST) && !raw_host.is_empty() {
+        headers.insert(header::HOST, raw_host.clone());
+    }
+    if let Some(ops) = &rule.request_headers {
+        ops.apply(headers);
+    }
+    // Upstream path and query: the client's, unless URLRewrite changes the path.
+    let mut pq: Option<http::uri::PathAndQuery> = client_pq.cloned();
+    if let Some(rw) = &rule.rewrite {
+        if let Some(h) = &rw.hostname {
+            headers.insert(header::HOST, h.clone());
+        }
+        if let Some(pm) = &rw.path {
+            let path = client_pq.map(|p| p.path()).unwrap_or("/");
+            let new_path = modified_path(pm, entry, path);
+            let s = match client_pq.and_then(|p| p.query()) {
+                Some(q) => format!("{new_path}?{q}"),
+                None => new_path,
+            };
+            match s.parse() {
+                Ok(p) => pq = Some(p),
+                Err(_) => return Err(local(StatusCode::BAD_REQUEST, "invalid rewritten path\n")),
+            }
+        }
+    }
+    let pq = pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Some(ops) = &backend.request_headers {
+        ops.apply(headers);
+    }
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    let xff = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", ctx.peer.ip())).ok(),
+        None => Some(ctx.peer_ip.clone()),
+    };
+    if let Some(v) = xff {
+        headers.insert(XFF, v);
+    }
+    headers.insert(XFP, HeaderValue::from_static(if ctx.tls { "https" } else { "http" }));
+    Ok(pq)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     inner: &Arc<Inner>,
@@ -607,45 +677,10 @@ async fn forward(
     let client_upgrade = if is_upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
 
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) && !raw_host.is_empty() {
-        parts.headers.insert(header::HOST, raw_host.clone());
-    }
-    if let Some(ops) = &rule.request_headers {
-        ops.apply(&mut parts.headers);
-    }
-    // Upstream path and query: the client's, unless URLRewrite changes the path.
-    let mut pq: Option<http::uri::PathAndQuery> = parts.uri.path_and_query().cloned();
-    if let Some(rw) = &rule.rewrite {
-        if let Some(h) = &rw.hostname {
-            parts.headers.insert(header::HOST, h.clone());
-        }
-        if let Some(pm) = &rw.path {
-            let new_path = modified_path(pm, entry, parts.uri.path());
-            let s = match parts.uri.query() {
-                Some(q) => format!("{new_path}?{q}"),
-                None => new_path,
-            };
-            match s.parse() {
-                Ok(p) => pq = Some(p),
-                Err(_) => return local(StatusCode::BAD_REQUEST, "invalid rewritten path\n"),
-            }
-        }
-    }
-    let pq = pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    if let Some(ops) = &backend.request_headers {
-        ops.apply(&mut parts.headers);
-    }
-    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    let xff = match parts.headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", ctx.peer.ip())).ok(),
-        None => Some(ctx.peer_ip.clone()),
+    let pq = match upstream_head(&mut parts.headers, parts.uri.path_and_query(), entry, &backend, raw_host, ctx) {
+        Ok(pq) => pq,
+        Err(resp) => return resp,
     };
-    if let Some(v) = xff {
-        parts.headers.insert(XFF, v);
-    }
-    parts.headers.insert(XFP, HeaderValue::from_static(if ctx.tls { "https" } else { "http" }));
 
     // RequestMirror: fire-and-forget copy (method, path, headers and body). The body is teed
     // chunk by chunk as the primary request streams; a mirror that cannot keep up (its buffer
