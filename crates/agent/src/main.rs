@@ -217,8 +217,21 @@ fn secs(d: Duration) -> u32 {
     d.as_secs().clamp(1, u32::MAX as u64) as u32
 }
 
-#[tokio::main(worker_threads = 2)]
-async fn main() {
+fn main() {
+    // At most two malloc arenas: the Maglev tables of a large sync are built and freed on
+    // several threads, and glibc's default (8 per core) left ~10-20 MiB of freed memory in
+    // extra arenas after 10,000 services (measured: RSS 100-112 -> 87-95 MiB, same speed;
+    // one arena made the sync 15 % slower).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    rt.block_on(async_main());
+}
+
+async fn async_main() {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if args.log_format == "json" {
