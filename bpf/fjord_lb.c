@@ -29,7 +29,7 @@
  * timeouts from fj_config; the agent's GC removes expired entries, the LRU map
  * evicts the oldest when full (new flows are never refused for lack of space).
  * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments, ICMP
- * other than masqueraded echo (ICMP errors about masqueraded flows are not translated).
+ * other than masqueraded echo and ICMP errors about masqueraded TCP/UDP flows.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -686,12 +686,82 @@ int fjord_to_pod(struct __sk_buff *skb)
 	return fj_do_reply(skb, &t, ct, cfg, bpf_ktime_get_ns(), 0);
 }
 
+/* An ICMP error (destination unreachable, time exceeded) from outside about a masqueraded
+ * TCP/UDP flow: it quotes the packet as it left (node address, SNAT port). Translate the
+ * outer destination and the quoted source back to the pod's, so the pod's socket sees the
+ * error (connection refused, PMTU) instead of the node dropping it. The quoted L4 checksum
+ * is left as it was (receivers do not check it). */
+#define FJ_ICMP_TIME_EXCEEDED 11
+#define FJ_IN_IP_OFF (FJ_L4_OFF + sizeof(struct fj_icmphdr))
+#define FJ_IN_CSUM_OFF (FJ_IN_IP_OFF + offsetof(struct iphdr, check))
+#define FJ_IN_SADDR_OFF (FJ_IN_IP_OFF + offsetof(struct iphdr, saddr))
+#define FJ_IN_SPORT_OFF (FJ_IN_IP_OFF + sizeof(struct iphdr))
+static __always_inline int fj_icmp_error_rev(struct __sk_buff *skb)
+{
+	struct fj_config *cfg = fj_cfg();
+	if (!cfg || !(cfg->flags & FJ_CFG_F_MASQUERADE) || cfg->node_ip == 0)
+		return TC_ACT_OK;
+	__u32 need = FJ_IN_SPORT_OFF + 4;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + need > data_end) {
+		if (skb->len < need)
+			return TC_ACT_OK;
+		bpf_skb_pull_data(skb, need);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	if (data + need > data_end)
+		return TC_ACT_OK;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct fj_icmphdr *ic = (void *)(ip + 1);
+	struct iphdr *in = (void *)(ic + 1);
+	__be16 *ports = (void *)(in + 1);
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5 || ip->protocol != IPPROTO_ICMP || ip->daddr != cfg->node_ip)
+		return TC_ACT_OK;
+	if (ic->type != FJ_ICMP_DEST_UNREACH && ic->type != FJ_ICMP_TIME_EXCEEDED)
+		return TC_ACT_OK;
+	if (in->ihl != 5 || in->saddr != cfg->node_ip || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+		return TC_ACT_OK;
+	struct fj_ct_key k;
+	fj_ct_key_of(&k, in->daddr, in->saddr, ports[1], ports[0], in->protocol, FJ_CT_DIR_SNAT_REV);
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &k);
+	if (!ct)
+		return TC_ACT_OK;
+	__be32 node = cfg->node_ip, pod = ct->orig_ip;
+	__be16 nat_port = ports[0], pod_port = ct->orig_port;
+	__u16 old_in_csum = in->check;
+	/* outer destination: node -> pod (IP header checksum only; ICMP has no pseudo header) */
+	if (bpf_l3_csum_replace(skb, FJ_IP_CSUM_OFF, node, pod, 4) ||
+	    bpf_skb_store_bytes(skb, FJ_IP_DADDR_OFF, &pod, 4, 0))
+		goto err;
+	/* quoted source address and its header checksum, each folded into the ICMP checksum */
+	if (bpf_l3_csum_replace(skb, FJ_IN_CSUM_OFF, node, pod, 4) ||
+	    bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, node, pod, 4) ||
+	    bpf_skb_store_bytes(skb, FJ_IN_SADDR_OFF, &pod, 4, 0))
+		goto err;
+	__u16 new_in_csum;
+	if (bpf_skb_load_bytes(skb, FJ_IN_CSUM_OFF, &new_in_csum, 2) ||
+	    bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, old_in_csum, new_in_csum, 2))
+		goto err;
+	/* quoted source port */
+	if (bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, nat_port, pod_port, 2) ||
+	    bpf_skb_store_bytes(skb, FJ_IN_SPORT_OFF, &pod_port, 2, 0))
+		goto err;
+	fj_count(FJ_STAT_REVNAT);
+	return TC_ACT_OK;
+err:
+	fj_count(FJ_STAT_ERROR);
+	return TC_ACT_SHOT;
+}
+
 SEC("classifier")
 int fjord_from_net(struct __sk_buff *skb)
 {
 	struct fj_tuple t = {};
 	if (fj_parse(skb, &t))
-		return TC_ACT_OK;
+		return fj_icmp_error_rev(skb);
 	struct fj_config *cfg = fj_cfg();
 	if (!cfg)
 		return TC_ACT_OK;

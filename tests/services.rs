@@ -446,6 +446,16 @@ async fn hairpin_session_affinity_and_masquerade() {
     assert_eq!(String::from_utf8_lossy(&seen.stdout).trim(), c.node().address.to_string(), "the outside sees pings from the node");
     let m = c.client().metrics().await.unwrap();
     assert!(metric(&m, "fjord_datapath_events{event=\"snat_new\"") > snat, "a ping took a SNAT identifier: {m}");
+
+    // ICMP errors about masqueraded flows reach the pod: UDP to a port nobody listens on
+    // "outside" gets port unreachable (sent to the node's address, quoting the node's address
+    // and SNAT port), translated back, so the pod's connected socket sees "connection refused"
+    // at once instead of a timeout.
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.connect(('{ext_ip}', 9999))\ntry:\n    s.send(b'x'); s.recv(16); print('data')\nexcept ConnectionRefusedError: print('refused')\nexcept socket.timeout: print('timeout')"
+    );
+    let (code, out) = run_in_ns(&cns, &["python3", "-c", &script]);
+    assert_eq!((code, out.trim()), (0, "refused"), "port unreachable from outside reaches the pod's socket");
 }
 
 const NODEPORT: &str = r#"
