@@ -72,11 +72,6 @@ impl Drop for Netns {
     }
 }
 
-/// Removes a dev-cluster node's bpffs pins (the agent is stopped), so it starts on fresh maps.
-fn remove_pins(dir: &std::path::Path) {
-    std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
-}
-
 fn sh(argv: &[&str]) -> String {
     let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -654,7 +649,8 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     for (label, fresh) in [("warm (pinned maps kept)", false), ("cold (fresh maps)", true)] {
         c.kill_agent(0).await;
         if fresh {
-            remove_pins(&pin_dir);
+            // the agent is stopped: it starts again on fresh maps
+            fjord_datapath::remove_pins(&pin_dir).expect("remove the node's pins");
         }
         let t = Instant::now();
         c.restart_agent(0).await;

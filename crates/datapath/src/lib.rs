@@ -1958,24 +1958,9 @@ fn write_table(map: &MapData, m: u32, ids: impl Iterator<Item = u32>, key: Servi
     })
 }
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-
-/// `union bpf_attr` as used by BPF_MAP_LOOKUP_ELEM.
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// Reads a whole table back: `m` backend ids in slot order (one BPF_MAP_LOOKUP_BATCH;
-/// one lookup per chunk where the kernel refuses the batch).
+/// Reads a whole table back: `m` backend ids in slot order (one BPF_MAP_LOOKUP_BATCH).
 fn read_table(map: &MapData, m: u32, key: ServiceKey) -> Result<Vec<u32>> {
     let n = table_chunks(m);
-    let fd = map.fd().as_fd().as_raw_fd();
     let mut chunks = vec![[0u32; MAGLEV_CHUNK]; n];
     let mut keys = vec![0u32; n];
     let mut next = 0u32;
@@ -1984,24 +1969,20 @@ fn read_table(map: &MapData, m: u32, key: ServiceKey) -> Result<Vec<u32>> {
         keys: keys.as_mut_ptr() as u64,
         values: chunks.as_mut_ptr() as u64,
         count: n as u32,
-        map_fd: fd as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
     // SAFETY: attr points at `next`, `keys` (n u32) and `chunks` (n values of the map's
     // value size), all alive for the call; the kernel writes at most `count` of each.
     let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>()) };
-    let complete = attr.count as usize == n && keys.iter().enumerate().all(|(i, k)| *k as usize == i);
     // an array answers ENOENT once it has reached its end, with every element copied
-    if !(complete && (r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT))) {
-        for (i, chunk) in chunks.iter_mut().enumerate() {
-            let k = i as u32;
-            let mut attr = ElemAttr { map_fd: fd as u32, key: &k as *const u32 as u64, value: chunk.as_mut_ptr() as u64, ..Default::default() };
-            // SAFETY: attr points at `k` and at one chunk (the map's value size), both live for the call.
-            let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>()) };
-            if r < 0 {
-                return Err(DatapathError::Table { key, op: "read", source: io::Error::last_os_error() });
-            }
-        }
+    let err = (r < 0).then(io::Error::last_os_error).filter(|e| e.raw_os_error() != Some(libc::ENOENT));
+    if let Some(source) = err {
+        return Err(DatapathError::Table { key, op: "read", source });
+    }
+    if attr.count as usize != n || keys.iter().enumerate().any(|(i, k)| *k as usize != i) {
+        let source = io::Error::other(format!("batch read returned {} of {n} chunks", attr.count));
+        return Err(DatapathError::Table { key, op: "read", source });
     }
     let mut ids = chunks.into_flattened();
     ids.truncate(m as usize);
