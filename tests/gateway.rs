@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 const GW_PORT: u16 = 8080;
 
-const SEED: &str = r#"
+const SEED: &str = concat!(
+    r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
 metadata: {name: fjord}
@@ -28,27 +29,9 @@ spec:
   listeners:
   - {name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: production-traffic-split
-  namespace: backend
-spec:
-  parentRefs:
-  - name: external-gateway
-  rules:
-  - matches:
-    - path:
-        type: PathPrefix
-        value: /api/v2
-    backendRefs:
-    - name: backend-v1
-      port: 8080
-      weight: 90
-    - name: backend-v2
-      port: 8080
-      weight: 10
----
+"#,
+    fjord_gateway::seed_httproute!(),
+    r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: backend-v1, namespace: backend}
@@ -62,7 +45,8 @@ metadata: {name: backend-v2, namespace: backend}
 spec:
   selector: {app: backend, version: v2}
   ports: [{name: http, port: 8080, targetPort: 9000}]
-"#;
+"#
+);
 
 /// Child processes (echo backends) killed on drop, also when the test panics. Declared after
 /// the cluster, so they go before it.

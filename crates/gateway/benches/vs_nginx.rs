@@ -192,27 +192,8 @@ kind: StaticService
 metadata: {{name: backend-v2, namespace: backend}}
 spec: {{ports: [{{port: 8080, endpoints: ["127.0.0.1:{p2}"]}}]}}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: production-traffic-split
-  namespace: backend
-spec:
-  parentRefs:
-  - name: external-gateway
-  rules:
-  - matches:
-    - path:
-        type: PathPrefix
-        value: /api/v2
-    backendRefs:
-    - name: backend-v1
-      port: 8080
-      weight: 90
-    - name: backend-v2
-      port: 8080
-      weight: 10
-"#
+{route}"#,
+            route = fjord_gateway::SEED_HTTPROUTE
         ),
     );
     let gw = Command::new(&gw_bin)

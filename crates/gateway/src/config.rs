@@ -169,28 +169,7 @@ mod tests {
 
     #[test]
     fn parses_seed_route_and_reports_unknown_field_with_path() {
-        let y = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: production-traffic-split
-  namespace: backend
-spec:
-  parentRefs:
-  - name: external-gateway
-  rules:
-  - matches:
-    - path:
-        type: PathPrefix
-        value: /api/v2
-    backendRefs:
-    - name: backend-v1
-      port: 8080
-      weight: 90
-    - name: backend-v2
-      port: 8080
-      weight: 10
-"#;
+        let y = crate::SEED_HTTPROUTE;
         let s = ObjectSet::from_yaml("t.yaml", y).unwrap();
         assert_eq!(s.http_routes.len(), 1);
         assert_eq!(s.http_routes[0].spec.rules[0].backend_refs[0].weight, Some(90));

@@ -22,6 +22,39 @@
 //! A [`Gateway`] is created once (`Gateway::new(GatewayOptions{..})`) inside the agent's tokio
 //! runtime; `reconcile`/`apply` may be called any number of times; `shutdown(grace)` on exit.
 
+/// The seed blog post's HTTPRoute, verbatim (90 % of /api/v2 to backend-v1, 10 % to
+/// backend-v2), as a string literal: `concat!` it into larger test manifests.
+#[macro_export]
+macro_rules! seed_httproute {
+    () => {
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: production-traffic-split
+  namespace: backend
+spec:
+  parentRefs:
+  - name: external-gateway
+  rules:
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /api/v2
+    backendRefs:
+    - name: backend-v1
+      port: 8080
+      weight: 90
+    - name: backend-v2
+      port: 8080
+      weight: 10
+"#
+    };
+}
+
+/// The seed blog post's HTTPRoute, verbatim (see [`seed_httproute!`]).
+pub const SEED_HTTPROUTE: &str = seed_httproute!();
+
+
 pub mod api;
 pub mod config;
 pub mod controller;

@@ -147,7 +147,8 @@ mod tests {
     use super::*;
     use fjord_model::objects::{parse_manifests_with, Object, ValidationContext};
 
-    const SEED: &str = r#"
+    const SEED: &str = concat!(
+    r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
 metadata: {name: fjord}
@@ -161,34 +162,17 @@ spec:
   listeners:
   - {name: http, port: 8080, protocol: HTTP}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: production-traffic-split
-  namespace: backend
-spec:
-  parentRefs:
-  - name: external-gateway
-  rules:
-  - matches:
-    - path:
-        type: PathPrefix
-        value: /api/v2
-    backendRefs:
-    - name: backend-v1
-      port: 8080
-      weight: 90
-    - name: backend-v2
-      port: 8080
-      weight: 10
----
+"#,
+    crate::seed_httproute!(),
+    r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: backend-v1, namespace: backend}
 spec:
   selector: {app: v1}
   ports: [{port: 8080}]
-"#;
+"#
+);
 
     fn parse(text: &str) -> Result<Vec<Object>, fjord_model::objects::ManifestError> {
         parse_manifests_with(text, &ValidationContext::default(), Some(&GatewayKinds))

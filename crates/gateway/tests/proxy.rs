@@ -12,27 +12,7 @@ use common::*;
 use fjord_gateway::api::find_condition;
 use http_body_util::BodyExt;
 
-const SEED_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: production-traffic-split
-  namespace: backend
-spec:
-  parentRefs:
-  - name: external-gateway
-  rules:
-  - matches:
-    - path:
-        type: PathPrefix
-        value: /api/v2
-    backendRefs:
-    - name: backend-v1
-      port: 8080
-      weight: 90
-    - name: backend-v2
-      port: 8080
-      weight: 10
-"#;
+const SEED_ROUTE: &str = fjord_gateway::SEED_HTTPROUTE;
 
 fn route(name: &str, ns: &str, gw: &str, rules: &str) -> String {
     format!(
