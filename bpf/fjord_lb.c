@@ -634,16 +634,8 @@ int fjord_from_pod(struct __sk_buff *skb)
 	if (ct)
 		return fj_do_reply(skb, &t, ct, cfg, now, 0);
 
-	/* 2. an established service flow */
-	ck.dir = FJ_CT_DIR_FWD;
-	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
-	if (ct) {
-		int rc = fj_do_fwd_hit(skb, &t, ct, cfg, now, 0);
-		if (rc >= 0)
-			return rc;
-	}
-
-	/* 3. a new flow */
+	/* 2. to a service address? (the small services map before the big conntrack map:
+	 * most pod traffic goes to pods and needs no second conntrack lookup) */
 	struct fj_svc_key sk = {};
 	sk.vip = t.daddr;
 	sk.port = t.dport;
@@ -665,6 +657,18 @@ int fjord_from_pod(struct __sk_buff *skb)
 		}
 		return TC_ACT_OK;
 	}
+
+	/* 3. an established service flow (a flow whose service is gone passed above, as
+	 * it would after a reselection found no service) */
+	ck.dir = FJ_CT_DIR_FWD;
+	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+	if (ct) {
+		int rc = fj_do_fwd_hit(skb, &t, ct, cfg, now, 0);
+		if (rc >= 0)
+			return rc;
+	}
+
+	/* 4. a new flow */
 	return fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
 			   svc->affinity_timeout_s, 0);
 }
@@ -677,6 +681,11 @@ int fjord_to_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	struct fj_config *cfg = fj_cfg();
 	if (!cfg)
+		return TC_ACT_OK;
+	/* From a pod of this node: fjord_from_pod saw it on the way in and looked up this
+	 * very key (it is unchanged unless from_pod translated it, and then it is no reply
+	 * to restore). Only packets from elsewhere (the underlay, a tunnel) need the lookup. */
+	if (cfg->pod_mask && (t.saddr & cfg->pod_mask) == cfg->pod_net)
 		return TC_ACT_OK;
 	struct fj_ct_key rk;
 	fj_ct_key_of(&rk, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
