@@ -22,7 +22,10 @@
 //!   1000)); service i has its 3 backends on port 10000 + i % P of the 3 pods.
 //! * client: the same code for every variant, in the client's namespace: TCP_CRR
 //!   (connect + 32-byte request/response + close) and TCP_RR (32-byte request/response on
-//!   16 kept connections), the target service picked at random per connection.
+//!   16 kept connections), the target service picked at random per connection. Every size's
+//!   rows are measured in 10 interleaved rounds (each variant gets a tenth of the
+//!   connections per round, in a rotated order), so drift of this shared machine spreads over
+//!   all variants instead of biasing the one that happened to run during a busy minute.
 
 use fjord_e2e::*;
 use fjordctl::pod;
@@ -37,6 +40,8 @@ const BASE_PORT: u16 = 10000;
 const VIP_PORT: u16 = 80;
 const MSG: usize = 32;
 const RR_CONNS: usize = 16;
+/// Latency rows are measured in this many interleaved rounds (see `run`).
+const ROUNDS: usize = 10;
 
 struct Rng(u64);
 impl Rng {
@@ -437,7 +442,7 @@ fn measure(ns: &Path, t: &Targets, crr: usize, rr: usize, seed: u64) -> Lat {
             Ok(s)
         };
         // warm-up (ARP, caches)
-        for _ in 0..(crr / 20).max(5) {
+        for _ in 0..(crr / 10).max(5) {
             if let Ok(mut s) = conn(targets(&mut rng)) {
                 let _ = one_rr(&mut s, &mut buf);
             }
@@ -510,6 +515,16 @@ async fn wait_frontends(c: &fjord_api::AgentClient, n: usize, limit: Duration) -
     }
 }
 
+/// User + system CPU seconds of process `pid` so far (/proc/PID/stat).
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // fields after the command name (which may hold spaces) end at its ')'
+    let f: Vec<&str> = s.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat; the first after the ")" is field 3
+    (ticks(11) + ticks(12)) / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64
+}
+
 fn stats(v: &mut [f64]) -> (f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (percentile(v, 50.0), percentile(v, 99.0))
@@ -553,6 +568,10 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     }
     let fj_client = pod::add(&c.state, None, "bench/client", BTreeMap::new()).await.expect("client pod");
     let fj_client_ns = pod_netns(&fj_client);
+    // "direct, fjord node" gets a client pod of its own: every variant's client namespace then
+    // holds only its own connections (TIME_WAIT sockets, ephemeral ports), as the baselines' do
+    let fj_direct_client = pod::add(&c.state, None, "bench/client-direct", BTreeMap::new()).await.expect("second client pod");
+    let fj_direct_client_ns = pod_netns(&fj_direct_client);
     let fj_svcs = services(nmax, ports, &fj_backends);
 
     // ---- baselines: shared backend pods, one node namespace per layout ----
@@ -669,6 +688,8 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
         restarts.push((label, t.elapsed().as_secs_f64() * 1000.0, first * 1000.0));
     }
     let agent_pid = c.node().agent_pid.unwrap();
+    let agent_cpu0 = cpu_seconds_of(agent_pid);
+    let t_lat = Instant::now();
 
     // ---- latency at each size (descending: services are deleted between sizes) ----
     let mut rows: Vec<Row> = vec![];
@@ -692,18 +713,37 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
         }
         let vips = |svcs: &[Svc]| Targets::Vip(svcs[..n].iter().map(|s| SocketAddr::new(s.vip.into(), VIP_PORT)).collect());
         let direct = |svcs: &[Svc]| Targets::Direct(svcs[..n].iter().map(|s| s.backends.iter().map(|b| SocketAddr::new(b.0.into(), b.1)).collect()).collect());
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        rows.push(Row { variant: "fjord (eBPF)", n, lat: measure(&fj_client_ns, &vips(&fj_svcs), crr, rr, seed) });
-        rows.push(Row { variant: "iptables (kube-proxy)", n, lat: measure(&ipt.client, &vips(&bl_svcs), crr, rr, seed) });
-        rows.push(Row { variant: "nftables (kube-proxy)", n, lat: measure(&nft.client, &vips(&bl_svcs), crr, rr, seed) });
-        rows.push(Row { variant: "direct pod IP", n, lat: measure(&dir.client, &direct(&bl_svcs), crr, rr, seed) });
-        rows.push(Row { variant: "direct, fjord node", n, lat: measure(&fj_client_ns, &direct(&fj_svcs), crr, rr, seed) });
+        let variants: [(&'static str, &Path, Targets); 5] = [
+            ("fjord (eBPF)", &fj_client_ns, vips(&fj_svcs)),
+            ("iptables (kube-proxy)", &ipt.client, vips(&bl_svcs)),
+            ("nftables (kube-proxy)", &nft.client, vips(&bl_svcs)),
+            ("direct pod IP", &dir.client, direct(&bl_svcs)),
+            ("direct, fjord node", &fj_direct_client_ns, direct(&fj_svcs)),
+        ];
+        // Interleaved: ROUNDS rounds, each measuring every variant with 1/ROUNDS of the
+        // connections, in a rotated order, so that the shared machine's drift over the
+        // minutes a size takes falls on every variant alike instead of on whichever ran last.
+        let mut lats: Vec<Lat> = variants.iter().map(|_| Lat::default()).collect();
+        for r in 0..ROUNDS {
+            for k in 0..variants.len() {
+                let v = (k + r) % variants.len();
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                let l = measure(variants[v].1, &variants[v].2, crr.div_ceil(ROUNDS), rr.div_ceil(ROUNDS), seed);
+                lats[v].crr.extend(l.crr);
+                lats[v].rr.extend(l.rr);
+                lats[v].errors += l.errors;
+            }
+        }
+        for ((variant, ..), lat) in variants.into_iter().zip(lats) {
+            rows.push(Row { variant, n, lat });
+        }
     }
     let rss_end = rss_of(agent_pid).unwrap();
+    let (agent_cpu, lat_wall) = (cpu_seconds_of(agent_pid) - agent_cpu0, t_lat.elapsed().as_secs_f64());
 
     // ---- report ----
     println!();
-    println!("latency, µs: TCP_CRR = connect + {MSG} B request/response + close ({crr} per row), TCP_RR = {MSG} B request/response on {RR_CONNS} kept connections ({rr} per row); target service random per connection");
+    println!("latency, µs: TCP_CRR = connect + {MSG} B request/response + close ({crr} per row), TCP_RR = {MSG} B request/response on {RR_CONNS} kept connections ({rr} per row); target service random per connection; rows measured in {ROUNDS} interleaved rounds");
     println!("{:<24} {:>8}  {:>10} {:>10}  {:>10} {:>10}  {:>6}", "variant", "services", "CRR p50", "CRR p99", "RR p50", "RR p99", "errors");
     for r in &rows {
         println!(
@@ -717,6 +757,7 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
             r.lat.errors
         );
     }
+    println!("the agent used {:.2} s of CPU during the {lat_wall:.0} s of latency measurement (deletes between sizes included)", agent_cpu);
     let get = |v: &str, n: usize| rows.iter().find(|r| r.variant == v && r.n == n).map(|r| &r.lat).unwrap();
     let (big, small) = (sizes[0], *sizes.last().unwrap());
     let fj = get("fjord (eBPF)", big);
