@@ -597,6 +597,9 @@ struct Book<'a> {
 /// one RCU grace period per chunk.
 const PROGRAM_CHUNK: usize = 512;
 
+/// Services in the store from which a cold start creates tables ahead (`load_cache`).
+const PREFILL_MIN: usize = 256;
+
 /// Translates (Maglev) on up to 2 threads.
 fn translate_all(lbs: &[fjord_lb::Service], cfg: &LbConfig) -> Vec<(String, Result<Vec<fjord_lb::FrontendEntries>, String>)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 2);
@@ -726,6 +729,7 @@ fn program_chunk(
 async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, cache: &mut Cache, mut dirty: Dirty, lease: Option<i64>, revision: i64, seen: Instant) -> anyhow::Result<()> {
     let t0 = Instant::now();
     sync_local_slices(agent, cache, &mut dirty, lease).await?;
+    let t_slices = t0.elapsed();
     let Some(dp) = dp else { return Ok(()) };
     let ids: Vec<String> = if dirty.all {
         // every service, and every one programmed before (it may be gone since)
@@ -765,7 +769,15 @@ async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, 
     agent.metrics.service_synced_revision.set(revision);
     agent.metrics.datapath_frontends.set(nfe as i64);
     agent.metrics.datapath_backends.set(nbe as i64);
-    tracing::debug!(services = n, frontends = nfe, backends = nbe, full, ms = took.as_secs_f64() * 1000.0, "services synced");
+    tracing::debug!(
+        services = n,
+        frontends = nfe,
+        backends = nbe,
+        full,
+        ms = took.as_secs_f64() * 1000.0,
+        endpoint_controller_ms = t_slices.as_secs_f64() * 1000.0,
+        "services synced"
+    );
     // after the change is in the maps: spare-table upkeep (waits one RCU grace period, so
     // that the next change can flip to a clean spare without waiting)
     // and the heap given back after a large sync (malloc_trim walks the whole heap: tens of
@@ -796,14 +808,28 @@ fn trim_heap() {
 }
 
 /// Lists what the controller follows (at one revision) into a fresh cache.
-async fn load_cache(agent: &Agent) -> anyhow::Result<(Cache, i64)> {
+/// On a cold start (the datapath holds no frontend) of many services, blank Maglev tables
+/// are created on another thread meanwhile (see `TableStash`): the returned stash, to be
+/// stopped once the first sync is done.
+async fn load_cache(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>) -> anyhow::Result<(Cache, i64, Option<Arc<fjord_datapath::TableStash>>)> {
     let mut cache = Cache::default();
     let mut dirty = Dirty::default();
+    let t = Instant::now();
     let l = agent.store.list(keys::PREFIX).await?;
+    let listed = t.elapsed();
+    let stash = dp.and_then(|dp| dp.try_lock().ok().filter(|d| d.frontend_count() == 0).map(|d| d.table_stash()));
+    let services_prefix = keys::services_prefix();
+    let new_tables = l.kvs.iter().filter(|kv| kv.key.starts_with(&services_prefix)).count();
+    let stash = stash.filter(|_| new_tables >= PREFILL_MIN).and_then(|st| {
+        let s2 = st.clone();
+        let spawned = std::thread::Builder::new().name("fjord-tbl-prefill".into()).spawn(move || s2.prefill(new_tables));
+        spawned.is_ok().then_some(st)
+    });
     for kv in &l.kvs {
         cache.apply(&agent.node, &fjord_store::EventKind::Put, &kv.key, &kv.value, &mut dirty);
     }
-    Ok((cache, l.revision))
+    tracing::debug!(records = l.kvs.len(), list_ms = listed.as_secs_f64() * 1000.0, decode_ms = (t.elapsed() - listed).as_secs_f64() * 1000.0, prefill = stash.is_some(), "service cache loaded");
+    Ok((cache, l.revision, stash))
 }
 
 /// Watch everything services depend on and reprogram what changed.
@@ -814,13 +840,16 @@ pub async fn run(agent: Arc<Agent>, dp: Option<Arc<Mutex<fjord_datapath::Datapat
         let r: anyhow::Result<()> = async {
             let l = |lease: &std::sync::atomic::AtomicI64| Some(lease.load(std::sync::atomic::Ordering::Relaxed)).filter(|l| *l != 0);
             let seen = Instant::now();
-            let (mut cache, rev) = load_cache(&agent).await?;
+            let (mut cache, rev, stash) = load_cache(&agent, dp.as_ref()).await?;
             // keep what is programmed (so a resync deletes frontends of services gone meanwhile)
             cache.programmed = std::mem::take(&mut programmed.programmed);
             cache.owner = std::mem::take(&mut programmed.owner);
             cache.frontends = programmed.frontends;
             cache.backends = programmed.backends;
             let res = sync(&agent, dp.as_ref(), &mut cache, Dirty { all: true, ..Dirty::default() }, l(&lease), rev, seen).await;
+            if let Some(st) = stash {
+                st.stop();
+            }
             let res = match res {
                 Ok(()) => {
                     let mut w = agent.store.watch(keys::PREFIX, rev + 1).await?;

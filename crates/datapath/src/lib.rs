@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap as StdHashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, Link as _, LinkError, PinnedLink};
@@ -477,6 +478,61 @@ pub struct Datapath {
     pool_dirty: Vec<(u32, MapData)>,
     /// socket-LB programs, loaded on the first attach_cgroup()
     sock: Option<Ebpf>,
+    /// blank tables made ahead of a bulk install (see [`TableStash`])
+    stash: Arc<TableStash>,
+}
+
+/// Blank Maglev tables (not yet in `fjord_maglev`) created ahead of a bulk install by
+/// another thread, e.g. while the agent still reads and decodes the store after a cold
+/// start: creating a table (a BPF_MAP_CREATE of 64 KiB at M = 16381, ~30 µs) is about
+/// half of the kernel work per new table. New tables come from here while it has some.
+pub struct TableStash {
+    maglev_size: u32,
+    tables: Mutex<Vec<MapData>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl TableStash {
+    /// Creates blank tables until the stash holds `n` (or [`stop`](Self::stop) is
+    /// called, or creation fails: the install then creates its own). Blocking.
+    pub fn prefill(&self, n: usize) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(false, Ordering::Relaxed);
+        while !self.stop.load(Ordering::Relaxed) && self.len() < n {
+            match create_table(self.maglev_size) {
+                Ok(md) => {
+                    let mut t = self.tables.lock().unwrap();
+                    // stopped meanwhile: the table goes, instead of staying in a stash nobody empties
+                    if !self.stop.load(Ordering::Relaxed) {
+                        t.push(md);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not create a blank Maglev table ahead of the install");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops a running [`prefill`](Self::prefill) and frees the tables left.
+    pub fn stop(&self) {
+        let mut t = self.tables.lock().unwrap();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.tables.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take(&self) -> Option<MapData> {
+        self.tables.lock().unwrap().pop()
+    }
 }
 
 impl std::fmt::Debug for Datapath {
@@ -595,6 +651,7 @@ impl Datapath {
         cur.udp_s = cfg.timeouts.udp;
         config.set(0, cur, 0).map_err(map_err(MAP_CONFIG, "write"))?;
 
+        let stash = Arc::new(TableStash { maglev_size: cfg.maglev_size, tables: Mutex::new(Vec::new()), stop: false.into() });
         let mut dp = Datapath {
             cfg,
             ebpf,
@@ -619,6 +676,7 @@ impl Datapath {
             pool_clean: Vec::new(),
             pool_dirty: Vec::new(),
             sock: None,
+            stash,
         };
         dp.recover()?;
         info!(pin_dir = %dp.cfg.pin_dir.display(), services = dp.services.len(), backends = dp.backends.len(),
@@ -628,6 +686,12 @@ impl Datapath {
 
     pub fn config(&self) -> &DatapathConfig {
         &self.cfg
+    }
+
+    /// The stash new tables are taken from before they are created (fill it from
+    /// another thread with [`TableStash::prefill`]).
+    pub fn table_stash(&self) -> Arc<TableStash> {
+        self.stash.clone()
     }
 
     /// Rebuilds the allocator state from pinned maps and removes leftovers of
@@ -716,6 +780,11 @@ impl Datapath {
     }
 
     /// The frontends currently programmed.
+    /// How many frontends the datapath holds.
+    pub fn frontend_count(&self) -> usize {
+        self.services.len()
+    }
+
     pub fn services(&self) -> Vec<ServiceKey> {
         self.services.keys().copied().collect()
     }
@@ -1013,7 +1082,10 @@ impl Datapath {
         }
         let build = |i: usize, p: &Prepared| -> Result<MapData> {
             let key = p.key;
-            let inner = create_table(m).map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?;
+            let inner = match self.stash.take() {
+                Some(md) => md,
+                None => create_table(m).map_err(map_err(MAP_MAGLEV, format!("create table for {key}")))?,
+            };
             write_table(&inner, m, entries[i].maglev.iter().map(|&x| p.index_ids[x as usize]), key)?;
             Ok(inner)
         };
@@ -2000,6 +2072,7 @@ fn pinned_max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
 
     #[test]
     fn distinct_ids_keep_first_use_order() {

@@ -241,3 +241,34 @@ fn backend_changes_flip_to_spare_tables() {
     println!("backend change (M=16381) with a clean spare: {fast:?}; burst: {burst:?} (the third, in place: {slow:?})");
     assert_eq!(dp.counter(fjord_datapath::Stat::Error).unwrap(), 0);
 }
+
+/// A bulk install takes its new tables from the stash of blank tables made ahead (the
+/// agent fills it on another thread during a cold start), the tables hold what was
+/// written, and a stopped stash frees what is left and can be filled again.
+#[test]
+fn a_bulk_install_takes_blank_tables_from_the_stash() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let mut dp = Datapath::load(DatapathConfig { maglev_size: 251, max_services: 64, max_backends: 64, ct_entries: 1024, table_pool: 0, ..pins.config() }).expect("load");
+    let stash = dp.table_stash();
+    stash.prefill(40);
+    assert_eq!(stash.len(), 40);
+    let svcs: Vec<FrontendEntries> = (0..32u8)
+        .map(|i| svc(&format!("default/s{i}"), [10, 96, 1, i], 80, Protocol::Tcp, &[[10, 244, 1, 5], [10, 244, 1, 6 + i % 3], [10, 244, 2, i]], 251))
+        .collect();
+    dp.upsert_many(&svcs).unwrap();
+    assert_eq!(stash.len(), 8, "the 32 new tables came from the stash");
+    for s in &svcs {
+        let want: Vec<BackendAddr> = s.maglev.iter().map(|&x| s.backends[x as usize]).collect();
+        assert_eq!(dp.maglev_table(&s.key).unwrap(), want, "{} holds its Maglev table", s.key);
+    }
+    stash.stop();
+    assert!(stash.is_empty(), "stop frees the tables left");
+    stash.prefill(3);
+    assert_eq!(stash.len(), 3, "a stopped stash can be filled again");
+    stash.stop();
+    // an empty stash: new tables are created as before
+    let more = svc("default/t", [10, 96, 2, 1], 80, Protocol::Tcp, &[[10, 244, 1, 5]], 251);
+    dp.upsert_many(std::slice::from_ref(&more)).unwrap();
+    assert_eq!(dp.maglev_table(&more.key).unwrap(), vec![more.backends[0]; 251]);
+}
