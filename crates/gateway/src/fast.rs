@@ -133,17 +133,32 @@ fn has_token(v: &[u8], token: &str) -> bool {
     v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-fn range_of(base: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+/// A byte range in a head (8 bytes instead of a `Range<usize>`'s 16: a parsed head's ranges
+/// are copied around by value).
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
+
+/// Where `part` lies in `base` (heads are far shorter than 4 GiB).
+fn range_of(base: &[u8], part: &[u8]) -> Span {
     let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    start..start + part.len()
+    Span { start: start as u32, end: (start + part.len()) as u32 }
 }
 
 /// What the request head says, with byte ranges into the head.
 struct ReqHead {
     len: usize,
     method: Method,
-    path: std::ops::Range<usize>,
-    headers: [(std::ops::Range<usize>, std::ops::Range<usize>); MAX_HEADERS],
+    path: Span,
+    headers: [(Span, Span); MAX_HEADERS],
     n_headers: usize,
     body_len: usize,
     close: bool,
@@ -174,7 +189,7 @@ fn parse_request(buf: &[u8]) -> Result<Option<ReqHead>, ()> {
         len,
         method,
         path: range_of(buf, path.as_bytes()),
-        headers: std::array::from_fn(|_| (0..0, 0..0)),
+        headers: [(Span::default(), Span::default()); MAX_HEADERS],
         n_headers: req.headers.len(),
         body_len: 0,
         close: false,
@@ -232,7 +247,11 @@ pub(super) async fn serve(inner: &Arc<Inner>, tcp: &mut TcpStream, buf: &mut Byt
                 Ok(_) => {}
             }
         };
-        match request(inner, tcp, buf, head, ctx, &mut out, &shutdown).await {
+        let req = match take_request(buf, head) {
+            Ok(r) => r,
+            Err(Fallback) => return Next::Hyper,
+        };
+        match request(inner, tcp, buf, req, ctx, &mut out, &shutdown).await {
             Ok(true) => {}
             Ok(false) => return Next::Done,
             Err(Fallback) => return Next::Hyper,
@@ -243,11 +262,11 @@ pub(super) async fn serve(inner: &Arc<Inner>, tcp: &mut TcpStream, buf: &mut Byt
 struct Fallback;
 
 /// Build a `HeaderMap` from the ranges of a parsed head (values share the head's memory).
-fn header_map(head: &Bytes, ranges: &[(std::ops::Range<usize>, std::ops::Range<usize>)]) -> Option<HeaderMap> {
+fn header_map(head: &Bytes, ranges: &[(Span, Span)]) -> Option<HeaderMap> {
     let mut map = HeaderMap::with_capacity(ranges.len() + 4);
     for (n, v) in ranges {
-        let name = HeaderName::from_bytes(&head[n.clone()]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v.clone())).ok()?;
+        let name = HeaderName::from_bytes(&head[n.range()]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v.range())).ok()?;
         map.append(name, value);
     }
     Some(map)
@@ -274,31 +293,51 @@ fn put_status(out: &mut BytesMut, status: StatusCode, reason: Option<&[u8]>) {
     out.put_slice(b"\r\n");
 }
 
+/// A request split off the connection's buffer, with what [`request`] needs from its head.
+/// The parsed ranges ([`ReqHead`]) stay out of the request's future: the future is part of
+/// every connection's task, which is allocated and moved once per connection.
+struct Req {
+    /// The head's bytes (header values and the target share them).
+    raw: Bytes,
+    headers: HeaderMap,
+    pq: http::uri::PathAndQuery,
+    method: Method,
+    body_len: usize,
+    close: bool,
+}
+
+/// Put the head's bytes back in front of the buffer: hyper gets the connection as it came.
+fn give_back(buf: &mut BytesMut, raw: &Bytes) -> Fallback {
+    let mut b = BytesMut::with_capacity(raw.len() + buf.len());
+    b.put_slice(raw);
+    b.put_slice(buf);
+    *buf = b;
+    Fallback
+}
+
+fn take_request(buf: &mut BytesMut, head: ReqHead) -> Result<Req, Fallback> {
+    let raw = buf.split_to(head.len).freeze();
+    let Some(headers) = header_map(&raw, &head.headers[..head.n_headers]) else {
+        return Err(give_back(buf, &raw));
+    };
+    let Ok(pq) = http::uri::PathAndQuery::from_maybe_shared(raw.slice(head.path.range())) else {
+        return Err(give_back(buf, &raw));
+    };
+    Ok(Req { raw, headers, pq, method: head.method, body_len: head.body_len, close: head.close })
+}
+
 /// Serve one request. `Ok(true)`: the connection stays open for the next one.
 async fn request(
     inner: &Arc<Inner>,
     tcp: &mut TcpStream,
     buf: &mut BytesMut,
-    head: ReqHead,
+    head: Req,
     ctx: &ConnCtx,
     out: &mut BytesMut,
     shutdown: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<bool, Fallback> {
     let start = Instant::now();
-    let raw = buf.split_to(head.len).freeze();
-    let give_back = |buf: &mut BytesMut, raw: &Bytes| {
-        let mut b = BytesMut::with_capacity(raw.len() + buf.len());
-        b.put_slice(raw);
-        b.put_slice(buf);
-        *buf = b;
-        Fallback
-    };
-    let Some(mut headers) = header_map(&raw, &head.headers[..head.n_headers]) else {
-        return Err(give_back(buf, &raw));
-    };
-    let Ok(pq) = http::uri::PathAndQuery::from_maybe_shared(raw.slice(head.path.clone())) else {
-        return Err(give_back(buf, &raw));
-    };
+    let Req { raw, mut headers, pq, .. } = head;
     let table = inner.table.load_full();
     let mut out_ = Outcome::default();
     let is_head = head.method == Method::HEAD;
@@ -385,20 +424,17 @@ async fn request(
     let idempotent = matches!(head.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
 
     let exchange = exchange(inner, endpoint, out, idempotent);
-    let result = match (rule.request_timeout, rule.backend_timeout) {
-        (None, None) => exchange.await,
-        (r, b) => {
-            let with_b = async {
-                match b {
-                    Some(t) => tokio::time::timeout(t, exchange).await.unwrap_or(Err(UpErr::Timeout("backend timeout\n"))),
-                    None => exchange.await,
-                }
-            };
-            match r {
-                Some(t) => tokio::time::timeout(t, with_b).await.unwrap_or(Err(UpErr::Timeout("request timeout\n"))),
-                None => with_b.await,
-            }
-        }
+    // Both timeouts cover the exchange here: the shorter one applies (the backend's on a tie, as
+    // when one timer is nested in the other). One timer keeps the future small.
+    let timeout = match (rule.request_timeout, rule.backend_timeout) {
+        (None, None) => None,
+        (Some(r), Some(b)) if r < b => Some((r, "request timeout\n")),
+        (_, Some(b)) => Some((b, "backend timeout\n")),
+        (Some(r), None) => Some((r, "request timeout\n")),
+    };
+    let result = match timeout {
+        None => exchange.await,
+        Some((t, msg)) => tokio::time::timeout(t, exchange).await.unwrap_or(Err(UpErr::Timeout(msg))),
     };
     drop(in_flight);
     let (mut up, resp) = match result {

@@ -338,6 +338,9 @@ async fn accept_loop(inner: Arc<Inner>, l: TcpListener, port: u16, mut stop: wat
     }
 }
 
+/// Serve one accepted connection. Its future is part of every connection's task (allocated and
+/// moved once per connection), so the TLS and hyper paths, which need far more state than the
+/// plain HTTP/1.1 fast path, are boxed: they only cost when taken.
 async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, port: u16) {
     let (tls, is_https) = {
         let t = inner.table.load();
@@ -346,15 +349,18 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
     };
     if is_https {
         let Some(cfg) = tls else { return };
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        match acceptor.accept(tcp).await {
-            Ok(s) => {
-                // ALPN decides the protocol; no preface sniffing needed.
-                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                serve_http(inner, Prefixed { pre: Bytes::new(), io: TokioIo::new(s) }, ConnCtx::new(port, peer, true), h2).await
+        Box::pin(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            match acceptor.accept(tcp).await {
+                Ok(s) => {
+                    // ALPN decides the protocol; no preface sniffing needed.
+                    let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_http(inner, Prefixed { pre: Bytes::new(), io: TokioIo::new(s) }, ConnCtx::new(port, peer, true), h2).await
+                }
+                Err(e) => tracing::debug!(%peer, port, error = %e, "TLS handshake failed"),
             }
-            Err(e) => tracing::debug!(%peer, port, error = %e, "TLS handshake failed"),
-        }
+        })
+        .await
     } else {
         // Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c) when the connection starts
         // with the HTTP/2 preface. One ordinary read decides (hyper-util's auto builder reads
@@ -381,7 +387,7 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
                 fast::Next::Hyper => {}
             }
         }
-        serve_http(inner, Prefixed { pre: buf.freeze(), io: TokioIo::new(tcp) }, ctx, h2).await
+        Box::pin(serve_http(inner, Prefixed { pre: buf.freeze(), io: TokioIo::new(tcp) }, ctx, h2)).await
     }
 }
 
