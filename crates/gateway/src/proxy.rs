@@ -151,7 +151,12 @@ struct ConnCtx {
 
 impl ConnCtx {
     fn new(port: u16, peer: SocketAddr, tls: bool) -> Self {
-        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
+        // formatted on the stack: one allocation (the value's) instead of two
+        let mut b = [0u8; 48];
+        let mut w = &mut b[..];
+        let _ = std::io::Write::write_fmt(&mut w, format_args!("{}", peer.ip()));
+        let n = 48 - w.len();
+        let peer_ip = HeaderValue::from_bytes(&b[..n]).expect("an IP is a valid header value");
         ConnCtx { port, peer, tls, peer_ip }
     }
 }
@@ -326,7 +331,6 @@ async fn accept_loop(inner: Arc<Inner>, l: TcpListener, port: u16, mut stop: wat
             },
             _ = stop.changed() => return,
         };
-        let _ = tcp.set_nodelay(true);
         inner.active.fetch_add(1, Ordering::AcqRel);
         inner.metrics.active_connections.inc();
         let guard = ConnGuard(inner.clone());
@@ -349,6 +353,7 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
     };
     if is_https {
         let Some(cfg) = tls else { return };
+        let _ = tcp.set_nodelay(true);
         Box::pin(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             match acceptor.accept(tcp).await {
@@ -366,11 +371,11 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
         // with the HTTP/2 preface. One ordinary read decides (hyper-util's auto builder reads
         // exactly the preface's 24 bytes first: an extra system call per connection); the
         // bytes read are handed to the HTTP server in front of the socket.
-        let mut buf = bytes::BytesMut::with_capacity(4096);
+        let mut buf = fast::ConnBuf::new();
         let mut shutdown = inner.shutdown.subscribe();
         loop {
             let r = tokio::select! {
-                r = tokio::io::AsyncReadExt::read_buf(&mut tcp, &mut buf) => r,
+                r = tokio::io::AsyncReadExt::read_buf(&mut tcp, &mut *buf) => r,
                 _ = shutdown.changed() => return,
             };
             match r {
@@ -382,12 +387,14 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
         let h2 = buf.starts_with(H2_PREFACE);
         let ctx = ConnCtx::new(port, peer, false);
         if !h2 {
-            match fast::serve(&inner, &mut tcp, &mut buf, &ctx).await {
+            // TCP_NODELAY: set by the fast path once it writes twice, by hyper's path below
+            match fast::serve(&inner, &mut fast::Client::new(&mut tcp), &mut buf, &ctx).await {
                 fast::Next::Done => return,
                 fast::Next::Hyper => {}
             }
         }
-        Box::pin(serve_http(inner, Prefixed { pre: buf.freeze(), io: TokioIo::new(tcp) }, ctx, h2)).await
+        let _ = tcp.set_nodelay(true);
+        Box::pin(serve_http(inner, Prefixed { pre: buf.take().freeze(), io: TokioIo::new(tcp) }, ctx, h2)).await
     }
 }
 
