@@ -706,14 +706,14 @@ async fn send_and_read_head(up: &mut Upstream, req: &[u8]) -> Result<RespHead, (
                     let mut te_chunked = None;
                     let mut cl: Option<u64> = None;
                     let mut conn_close = !v11;
-                    let mut ranges = Vec::with_capacity(resp.headers.len());
-                    for h in resp.headers.iter() {
+                    let mut ranges = [(Span::default(), Span::default()); MAX_RESP_HEADERS];
+                    for (i, h) in resp.headers.iter().enumerate() {
                         let name = h.name.as_bytes();
                         if name.eq_ignore_ascii_case(b"transfer-encoding") {
                             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"").trim_ascii();
                             te_chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
                         } else if name.eq_ignore_ascii_case(b"content-length") {
-                            let v = std::str::from_utf8(h.value).ok().map(str::trim).and_then(|v| v.parse::<u64>().ok()).ok_or((false, "invalid content-length".to_string()))?;
+                            let v = std::str::from_utf8(h.value).ok().map(str::trim).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| (false, "invalid content-length".to_string()))?;
                             if cl.is_some_and(|c| c != v) {
                                 return Err((false, "conflicting content-length".into()));
                             }
@@ -725,10 +725,11 @@ async fn send_and_read_head(up: &mut Upstream, req: &[u8]) -> Result<RespHead, (
                                 conn_close = false;
                             }
                         }
-                        ranges.push((range_of(&up.rbuf, name), range_of(&up.rbuf, h.value)));
+                        ranges[i] = (range_of(&up.rbuf, name), range_of(&up.rbuf, h.value));
                     }
+                    let n_headers = resp.headers.len();
                     let raw = up.rbuf.split_to(n).freeze();
-                    let headers = header_map(&raw, &ranges).ok_or((false, "invalid response header".to_string()))?;
+                    let headers = header_map(&raw, &ranges[..n_headers]).ok_or_else(|| (false, "invalid response header".to_string()))?;
                     let framing = if code == 204 || code == 304 {
                         Framing::None
                     } else {
