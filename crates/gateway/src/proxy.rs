@@ -107,14 +107,21 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(h: &mut http::HeaderMap) {
-    // headers named in Connection are hop-by-hop too
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(',').map(|x| x.trim().to_ascii_lowercase()).collect::<Vec<_>>())
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
+    // Most messages have none of these: one pass over their few headers instead of a lookup
+    // per hop-by-hop name.
+    if !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too. Usually it names only `close` or
+    // `keep-alive` and no header of that name exists: nothing to collect, no allocation.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()) {
+        for t in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if h.contains_key(t) {
+                named.extend(HeaderName::from_bytes(t.as_bytes()).ok());
+            }
+        }
+    }
     for n in named {
         h.remove(n);
     }
@@ -140,6 +147,31 @@ impl Drop for ConnGuard {
     }
 }
 
+/// An IP address as text, formatted on the stack. As the owner of a `Bytes` it costs one
+/// allocation, and clones of that `Bytes` (X-Forwarded-For of every request) none; a `Vec`'s
+/// or `String`'s bytes would be copied once more and promoted on the first clone.
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        let mut buf = [0u8; 48];
+        let mut w = &mut buf[..];
+        // at most 45 bytes (IPv4-mapped IPv6)
+        let _ = std::io::Write::write_fmt(&mut w, format_args!("{ip}"));
+        let len = 48 - w.len();
+        IpText { buf, len }
+    }
+}
+
+impl AsRef<[u8]> for IpText {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 #[derive(Clone)]
 struct ConnCtx {
     port: u16,
@@ -151,7 +183,7 @@ struct ConnCtx {
 
 impl ConnCtx {
     fn new(port: u16, peer: SocketAddr, tls: bool) -> Self {
-        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
+        let peer_ip = HeaderValue::from_maybe_shared(Bytes::from_owner(IpText::new(peer.ip()))).expect("an IP is a valid header value");
         ConnCtx { port, peer, tls, peer_ip }
     }
 }
@@ -326,7 +358,6 @@ async fn accept_loop(inner: Arc<Inner>, l: TcpListener, port: u16, mut stop: wat
             },
             _ = stop.changed() => return,
         };
-        let _ = tcp.set_nodelay(true);
         inner.active.fetch_add(1, Ordering::AcqRel);
         inner.metrics.active_connections.inc();
         let guard = ConnGuard(inner.clone());
@@ -338,6 +369,9 @@ async fn accept_loop(inner: Arc<Inner>, l: TcpListener, port: u16, mut stop: wat
     }
 }
 
+/// Serve one accepted connection. Its future is part of every connection's task (allocated and
+/// moved once per connection), so the TLS and hyper paths, which need far more state than the
+/// plain HTTP/1.1 fast path, are boxed: they only cost when taken.
 async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, port: u16) {
     let (tls, is_https) = {
         let t = inner.table.load();
@@ -346,25 +380,29 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
     };
     if is_https {
         let Some(cfg) = tls else { return };
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        match acceptor.accept(tcp).await {
-            Ok(s) => {
-                // ALPN decides the protocol; no preface sniffing needed.
-                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                serve_http(inner, Prefixed { pre: Bytes::new(), io: TokioIo::new(s) }, ConnCtx::new(port, peer, true), h2).await
+        let _ = tcp.set_nodelay(true);
+        Box::pin(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            match acceptor.accept(tcp).await {
+                Ok(s) => {
+                    // ALPN decides the protocol; no preface sniffing needed.
+                    let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_http(inner, Prefixed { pre: Bytes::new(), io: TokioIo::new(s) }, ConnCtx::new(port, peer, true), h2).await
+                }
+                Err(e) => tracing::debug!(%peer, port, error = %e, "TLS handshake failed"),
             }
-            Err(e) => tracing::debug!(%peer, port, error = %e, "TLS handshake failed"),
-        }
+        })
+        .await
     } else {
         // Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c) when the connection starts
         // with the HTTP/2 preface. One ordinary read decides (hyper-util's auto builder reads
         // exactly the preface's 24 bytes first: an extra system call per connection); the
         // bytes read are handed to the HTTP server in front of the socket.
-        let mut buf = bytes::BytesMut::with_capacity(4096);
+        let mut buf = fast::ConnBuf::new();
         let mut shutdown = inner.shutdown.subscribe();
         loop {
             let r = tokio::select! {
-                r = tokio::io::AsyncReadExt::read_buf(&mut tcp, &mut buf) => r,
+                r = tokio::io::AsyncReadExt::read_buf(&mut tcp, &mut *buf) => r,
                 _ = shutdown.changed() => return,
             };
             match r {
@@ -376,12 +414,14 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
         let h2 = buf.starts_with(H2_PREFACE);
         let ctx = ConnCtx::new(port, peer, false);
         if !h2 {
-            match fast::serve(&inner, &mut tcp, &mut buf, &ctx).await {
+            // TCP_NODELAY: set by the fast path once it writes twice, by hyper's path below
+            match fast::serve(&inner, &mut fast::Client::new(&mut tcp), &mut buf, &ctx).await {
                 fast::Next::Done => return,
                 fast::Next::Hyper => {}
             }
         }
-        serve_http(inner, Prefixed { pre: buf.freeze(), io: TokioIo::new(tcp) }, ctx, h2).await
+        let _ = tcp.set_nodelay(true);
+        Box::pin(serve_http(inner, Prefixed { pre: buf.take().freeze(), io: TokioIo::new(tcp) }, ctx, h2)).await
     }
 }
 
@@ -858,5 +898,41 @@ impl hyper::body::Body for TeeBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = http::HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("x-kept", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "x-kept"]);
+
+        // nothing hop-by-hop: unchanged
+        let mut h = http::HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("close", HeaderValue::from_static("not named by a Connection header"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn peer_ip_text() {
+        for ip in ["10.0.0.1", "::1", "::ffff:255.255.255.255", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"] {
+            let c = ConnCtx::new(80, SocketAddr::new(ip.parse().unwrap(), 1), false);
+            assert_eq!(c.peer_ip.to_str().unwrap(), ip);
+        }
     }
 }

@@ -77,10 +77,9 @@ pub struct VirtualHosts {
 
 impl VirtualHosts {
     /// Entry lists applicable to `host`, most specific hostname first.
-    pub fn candidates<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Arc<RouteEntry>> + 'a {
+    pub fn candidates<'a, 'h>(&'a self, host: &'h str) -> impl Iterator<Item = &'a Arc<RouteEntry>> + use<'a, 'h> {
         let exact = self.exact.get(host).into_iter().flatten();
-        let host = host.to_string();
-        let wild = self.wildcard.iter().filter(move |(p, _)| hostname_matches(p, &host)).flat_map(|(_, v)| v.iter());
+        let wild = self.wildcard.iter().filter(move |(p, _)| hostname_matches(p, host)).flat_map(|(_, v)| v.iter());
         exact.chain(wild).chain(self.any.iter())
     }
 
