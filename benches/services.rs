@@ -515,6 +515,12 @@ async fn wait_frontends(c: &fjord_api::AgentClient, n: usize, limit: Duration) -
     }
 }
 
+/// Peak RSS (VmHWM) of process `pid` in bytes, 0 if unknown.
+fn peak_rss_of(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
 /// User + system CPU seconds of process `pid` so far (/proc/PID/stat).
 fn cpu_seconds_of(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -612,7 +618,12 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     let m1 = api.metrics().await.unwrap();
     let fj_sync_sum = metric(&m1, "fjord_service_event_to_datapath_seconds_sum").unwrap_or(0.0) - sum0;
     let fj_sync_cnt = metric(&m1, "fjord_service_event_to_datapath_seconds_count").unwrap_or(0.0) - cnt0;
+    let rss_fj_at_once = rss_of(agent_pid).unwrap();
+    // settled: after the sync the agent trims its heap (malloc_trim) and tops up its spare
+    // tables; then RSS is what a node carries with 10,000 services
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_fj = rss_of(agent_pid).unwrap();
+    let hwm_fj = peak_rss_of(agent_pid);
 
     let t_ipt = in_ns_with_input(&ipt.node, &["iptables-restore", "--noflush"], iptables_layout(&bl_svcs).as_bytes());
     let t_nft = in_ns_with_input(&nft.node, &["nft", "-f", "-"], nft_layout(&bl_svcs).as_bytes());
@@ -689,6 +700,7 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     }
     let agent_pid = c.node().agent_pid.unwrap();
     let agent_cpu0 = cpu_seconds_of(agent_pid);
+    let mut agent_busy: Vec<(usize, f64, f64)> = vec![];
     let t_lat = Instant::now();
 
     // ---- latency at each size (descending: services are deleted between sizes) ----
@@ -724,6 +736,7 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
         // connections, in a rotated order, so that the shared machine's drift over the
         // minutes a size takes falls on every variant alike instead of on whichever ran last.
         let mut lats: Vec<Lat> = variants.iter().map(|_| Lat::default()).collect();
+        let (cpu0, t0) = (cpu_seconds_of(agent_pid), Instant::now());
         for r in 0..ROUNDS {
             for k in 0..variants.len() {
                 let v = (k + r) % variants.len();
@@ -734,6 +747,7 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
                 lats[v].errors += l.errors;
             }
         }
+        agent_busy.push((n, cpu_seconds_of(agent_pid) - cpu0, t0.elapsed().as_secs_f64()));
         for ((variant, ..), lat) in variants.into_iter().zip(lats) {
             rows.push(Row { variant, n, lat });
         }
@@ -758,6 +772,9 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
         );
     }
     println!("the agent used {:.2} s of CPU during the {lat_wall:.0} s of latency measurement (deletes between sizes included)", agent_cpu);
+    for (n, cpu, wall) in &agent_busy {
+        println!("  while the {n}-service rows were measured: {cpu:.2} s of CPU in {wall:.1} s");
+    }
     let get = |v: &str, n: usize| rows.iter().find(|r| r.variant == v && r.n == n).map(|r| &r.lat).unwrap();
     let (big, small) = (sizes[0], *sizes.last().unwrap());
     let fj = get("fjord (eBPF)", big);
@@ -811,7 +828,13 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     println!("  iptables: partial restore (KUBE-SERVICES + changed chains, --noflush): p50 {i50:.1} ms  p99 {i99:.1} ms ({} changes)", ipt_change.len());
     println!("  nftables: one transaction (flush + refill the service chain): p50 {n50:.1} ms  p99 {n99:.1} ms");
     let mib = |b: u64| b as f64 / 1048576.0;
-    println!("agent RSS: {:.1} MiB with {nmax} services programmed, {:.1} MiB at the end", mib(rss_fj), mib(rss_end));
+    println!(
+        "agent RSS: {:.1} MiB with {nmax} services programmed (1 s after the install; {:.1} MiB the moment the last frontend was in the maps; peak so far {:.1} MiB), {:.1} MiB at the end",
+        mib(rss_fj),
+        mib(rss_fj_at_once),
+        mib(hwm_fj),
+        mib(rss_end)
+    );
     if !smoke {
         let t = |ok: bool| if ok { "MET" } else { "MISSED" };
         let fj1 = get("fjord (eBPF)", small);
