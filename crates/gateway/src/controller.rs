@@ -819,7 +819,13 @@ spec:
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(first.as_deref(), Some("one"));
-        assert!(synced.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        // the table is served as soon as it is swapped in; the sync completes (and records its
+        // revision) after the status write that follows
+        let t_sync = Instant::now();
+        while synced.load(std::sync::atomic::Ordering::Relaxed) == 0 && t_sync.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(synced.load(std::sync::atomic::Ordering::Relaxed) > 0, "the first sync completed");
 
         // route change through the store
         let t1 = Instant::now();
