@@ -498,6 +498,16 @@ err:
 	return TC_ACT_SHOT;
 }
 
+/* The forward conntrack entry of the flow `ck` names (its dir is set here), if any:
+ * a tc action, or -1 if the flow must be treated as new. */
+static __always_inline int fj_established(struct __sk_buff *skb, struct fj_tuple *t, struct fj_ct_key *ck,
+					  struct fj_config *cfg, __u64 now, int from_net)
+{
+	ck->dir = FJ_CT_DIR_FWD;
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, ck);
+	return ct ? fj_do_fwd_hit(skb, t, ct, cfg, now, from_net) : -1;
+}
+
 /* Pick the backend of a new flow: the client's sticky backend (sessionAffinity
  * ClientIP) while it is fresh, else the Maglev slot of the flow hash. */
 static __always_inline struct fj_backend *fj_select(struct fj_tuple *t, struct fj_config *cfg, __u32 service_id,
@@ -660,13 +670,9 @@ int fjord_from_pod(struct __sk_buff *skb)
 
 	/* 3. an established service flow (a flow whose service is gone passed above, as
 	 * it would after a reselection found no service) */
-	ck.dir = FJ_CT_DIR_FWD;
-	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
-	if (ct) {
-		int rc = fj_do_fwd_hit(skb, &t, ct, cfg, now, 0);
-		if (rc >= 0)
-			return rc;
-	}
+	int rc = fj_established(skb, &t, &ck, cfg, now, 0);
+	if (rc >= 0)
+		return rc;
 
 	/* 4. a new flow */
 	return fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
@@ -802,13 +808,9 @@ int fjord_from_net(struct __sk_buff *skb)
 	if (t.proto == IPPROTO_ICMP) /* echo replies to masqueraded pings only */
 		return TC_ACT_OK;
 	/* 3. an established NodePort flow */
-	ck.dir = FJ_CT_DIR_FWD;
-	ct = bpf_map_lookup_elem(&fjord_ct, &ck);
-	if (ct) {
-		int rc = fj_do_fwd_hit(skb, &t, ct, cfg, now, 1);
-		if (rc >= 0)
-			return rc;
-	}
+	int rc = fj_established(skb, &t, &ck, cfg, now, 1);
+	if (rc >= 0)
+		return rc;
 	/* 4. a new flow to a NodePort / externalIP / LoadBalancer frontend */
 	struct fj_svc_key sk = {};
 	sk.vip = t.daddr;

@@ -817,19 +817,25 @@ async fn load_cache(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapat
     let t = Instant::now();
     let l = agent.store.list(keys::PREFIX).await?;
     let listed = t.elapsed();
-    let stash = dp.and_then(|dp| dp.try_lock().ok().filter(|d| d.frontend_count() == 0).map(|d| d.table_stash()));
     let services_prefix = keys::services_prefix();
-    let new_tables = l.kvs.iter().filter(|kv| kv.key.starts_with(&services_prefix)).count();
-    let stash = stash.filter(|_| new_tables >= PREFILL_MIN).and_then(|st| {
-        let s2 = st.clone();
-        let spawned = std::thread::Builder::new().name("fjord-tbl-prefill".into()).spawn(move || s2.prefill(new_tables));
-        spawned.is_ok().then_some(st)
-    });
+    let stash = dp.and_then(|dp| start_prefill(dp, l.kvs.iter().filter(|kv| kv.key.starts_with(&services_prefix)).count()));
     for kv in &l.kvs {
         cache.apply(&agent.node, &fjord_store::EventKind::Put, &kv.key, &kv.value, &mut dirty);
     }
     tracing::debug!(records = l.kvs.len(), list_ms = listed.as_secs_f64() * 1000.0, decode_ms = (t.elapsed() - listed).as_secs_f64() * 1000.0, prefill = stash.is_some(), "service cache loaded");
     Ok((cache, l.revision, stash))
+}
+
+/// Starts filling the datapath's stash of blank tables on another thread when this is a
+/// cold start (the datapath holds no frontend) of at least `PREFILL_MIN` services.
+fn start_prefill(dp: &Mutex<fjord_datapath::Datapath>, services: usize) -> Option<Arc<fjord_datapath::TableStash>> {
+    if services < PREFILL_MIN {
+        return None;
+    }
+    let stash = dp.try_lock().ok().filter(|d| d.frontend_count() == 0)?.table_stash();
+    let filler = stash.clone();
+    std::thread::Builder::new().name("fjord-tbl-prefill".into()).spawn(move || filler.prefill(services)).ok()?;
+    Some(stash)
 }
 
 /// Watch everything services depend on and reprogram what changed.
