@@ -150,11 +150,15 @@ struct fj_config {
 	__u32 tcp_established_s;
 	__u32 tcp_closing_s;
 	__u32 udp_s;
+	__u32 pad;
+	/* netns cookie of the node's own namespace: the socket LB tells host-network
+	 * processes (this cookie) from pods (any other) */
+	__u64 host_netns_cookie;
 };
 
 #define FJ_CFG_F_MASQUERADE 1 /* SNAT pod traffic leaving the cluster CIDR through the underlay */
 
-#define FJ_LAYOUT_VERSION 3
+#define FJ_LAYOUT_VERSION 4
 
 /* A Maglev table is stored as chunks of FJ_MAGLEV_CHUNK slots (4 KiB values): one
  * batch update writes a whole table, and slots are 4 bytes each (an ARRAY of __u32
@@ -183,7 +187,8 @@ enum fj_stat {
 	FJ_STAT_HAIRPIN = 14,    /* new hairpin flows (a pod reaching itself through a service) */
 	FJ_STAT_AFFINITY = 15,   /* new flows that followed sessionAffinity */
 	FJ_STAT_CT_EXPIRED = 16, /* conntrack entries found expired by the datapath (flow restarted) */
-	FJ_STAT_MAX = 17,
+	FJ_STAT_SOCK_TO_TC = 17, /* pod connect()/sendmsg() left to the veth's tc program (affinity, no backend) */
+	FJ_STAT_MAX = 18,
 };
 
 #endif /* FJORD_H */

@@ -1,15 +1,22 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * fjord_sock.c — socket-level load balancing for clients that are not behind
- * a pod veth (host-network processes of the node), attached to a cgroup v2:
+ * fjord_sock.c — socket-level load balancing, attached to cgroups v2: the node's
+ * host-network processes (no veth, so no tc program sees their traffic) and, when
+ * the agent is given the pods' parent cgroup, pods (Cilium's socket LB with
+ * bpf-lb-sock-hostns-only=false): a pod's connect() then goes straight to a backend
+ * and no packet of the flow needs translating.
  *   cgroup/connect4     TCP/UDP connect() to a service VIP:port -> backend
  *   cgroup/sendmsg4     unconnected UDP sendto() to a service -> backend
  *   cgroup/recvmsg4     UDP source address shown as VIP:port again
  *   cgroup/getpeername4 getpeername() shows VIP:port again
  * The backend is chosen with the same Maglev tables as the tc path, by a hash
  * of the socket cookie; sessionAffinity ClientIP keeps the node's processes (one
- * client: the node address) on one backend. A service without backends makes
- * connect() fail (EPERM).
+ * client: the node address) on one backend. A service without backends makes a
+ * host process's connect() fail (EPERM).
+ * A socket in a pod (netns cookie other than the node's) is left untranslated when
+ * the tc program at its veth knows better: sessionAffinity (keyed by the pod's
+ * address, which connect() does not know yet) and no backends (tc answers with a
+ * TCP RST / ICMP port unreachable, so the pod sees "connection refused").
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -35,15 +42,20 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 	if (!svc)
 		return 1;
 	__u32 service_id = svc->service_id, table_id = svc->table_id, flags = svc->flags;
-	__u32 aff_timeout = svc->affinity_timeout_s;
-	if (svc->backend_count == 0) {
-		fj_count(FJ_STAT_NO_BACKEND);
-		return 0;
-	}
+	__u32 aff_timeout = svc->affinity_timeout_s, backend_count = svc->backend_count;
 	__u32 zero = 0;
 	struct fj_config *cfg = bpf_map_lookup_elem(&fjord_config, &zero);
 	if (!cfg || cfg->maglev_size == 0)
 		return 1;
+	if (cfg->host_netns_cookie && bpf_get_netns_cookie(ctx) != cfg->host_netns_cookie &&
+	    ((flags & FJ_SVC_F_AFFINITY) || backend_count == 0)) {
+		fj_count(FJ_STAT_SOCK_TO_TC);
+		return 1; /* a pod: its veth's tc program handles this flow */
+	}
+	if (backend_count == 0) {
+		fj_count(FJ_STAT_NO_BACKEND);
+		return 0;
+	}
 	/* the node's processes are one client for sessionAffinity: the node address is
 	 * their source address toward the service */
 	__u64 cookie = bpf_get_socket_cookie(ctx);

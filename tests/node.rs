@@ -158,7 +158,7 @@ async fn cluster_down_leaves_nothing_and_bad_input_is_refused_cleanly() {
     pod::add(&c.state, None, "default/a", BTreeMap::new()).await.unwrap();
 
     // A second `cluster up` with the same name: clear error, existing cluster intact.
-    let opts = fjordctl::cluster::UpOptions { name: name.clone(), nodes: 1, store: "embedded".into(), routing: "native".into(), bin_dir: bin_dir(), agent_args: vec![] };
+    let opts = fjordctl::cluster::UpOptions { name: name.clone(), nodes: 1, store: "embedded".into(), routing: "native".into(), bin_dir: bin_dir(), agent_args: vec![], socket_lb_pods: false };
     let e = fjordctl::cluster::up(&c.home, &opts, &|_| {}).await.unwrap_err().to_string();
     assert!(e.contains("already exists") && e.contains(&name), "{e}");
     c.client().healthz().await.expect("existing agent still healthy");
@@ -187,7 +187,7 @@ async fn cluster_down_leaves_nothing_and_bad_input_is_refused_cleanly() {
     assert_eq!(status.as_u16(), 400);
     assert!(String::from_utf8_lossy(&body).contains("colour"), "{}", String::from_utf8_lossy(&body));
     // Multi-node on the embedded store is refused, naming etcd.
-    let opts = fjordctl::cluster::UpOptions { name: "other".into(), nodes: 3, store: "embedded".into(), routing: "native".into(), bin_dir: bin_dir(), agent_args: vec![] };
+    let opts = fjordctl::cluster::UpOptions { name: "other".into(), nodes: 3, store: "embedded".into(), routing: "native".into(), bin_dir: bin_dir(), agent_args: vec![], socket_lb_pods: false };
     let e = fjordctl::cluster::up(&c.home, &opts, &|_| {}).await.unwrap_err().to_string();
     assert!(e.contains("etcd"), "{e}");
     assert!(netns::list("fjord-other.").is_empty());

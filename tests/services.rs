@@ -596,3 +596,121 @@ async fn nodeport_across_nodes(routing: &str) {
         assert!(!out.lines().any(|l| l.starts_with("-A")), "{out}");
     }
 }
+
+const SOCKET_LB_SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports: [{port: 81, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec:
+  selector: {app: nothing-matches}
+  ports: [{port: 80}]
+"#;
+
+/// `cluster up --socket-lb-pods` (Cilium's socket LB for pods): a pod's connect()/sendto() to a
+/// ClusterIP goes straight to a backend in the cgroup hook, so the tc programs translate no
+/// packet of the flow (no conntrack entry); getpeername()/recvfrom() still show the service.
+/// Affinity services and services without backends are left to the tc program at the veth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_reach_services_through_the_socket_lb() {
+    let c = TestCluster::up_opts(1, "embedded", "native", vec![], true).await;
+    let label = |v: &str| -> BTreeMap<String, String> { [("app".to_string(), v.to_string())].into() };
+    for i in 1..=3 {
+        let p = pod::add(&c.state, None, &format!("default/web{i}"), label("web")).await.unwrap();
+        who_server(&pod_netns(&p), 8080, &p.name);
+        udp_name_server(&pod_netns(&p), 5353, &p.name);
+    }
+    let client = pod::add(&c.state, None, "default/client", BTreeMap::new()).await.unwrap();
+    let client_ip = client.ip.unwrap().to_string();
+    c.client().apply(SOCKET_LB_SERVICES).await.unwrap();
+    let svcs = c.client().services().await.unwrap();
+    let (web, sticky, empty) = (vip_of(&svcs, "web"), vip_of(&svcs, "sticky"), vip_of(&svcs, "empty"));
+    let cns = pod_netns(&client);
+    eventually(Duration::from_secs(15), || async { who(&cns, SocketAddr::new(web.into(), 80)).ok() }).await.expect("web answers");
+    eventually(Duration::from_secs(15), || async { who(&cns, SocketAddr::new(sticky.into(), 81)).ok() }).await.expect("sticky answers");
+
+    let counters = |m: &str| {
+        ["sock_lb", "sock_to_tc", "ct_new", "affinity_hit", "rst_sent"].map(|e| metric(m, &format!("fjord_datapath_events{{event=\"{e}\"")))
+    };
+    let before = counters(&c.client().metrics().await.unwrap());
+    // 30 TCP connections and 10 unconnected UDP queries from a process of the pod (`pod exec`
+    // puts it in the node's pods cgroup), then the sticky and the empty service.
+    let script = format!(
+        r#"import socket
+print("cgroup", [l for l in open("/proc/self/cgroup").read().split() if l.startswith("0::")][0])
+for _ in range(30):
+    s = socket.create_connection(("{web}", 80), 5)
+    print("tcp", s.recv(64).decode(), s.getpeername()[0], s.getpeername()[1])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+for _ in range(10):
+    u.sendto(b"q", ("{web}", 53)); d, a = u.recvfrom(64)
+    print("udp", d.decode(), a[0], a[1])
+for _ in range(10):
+    print("sticky", socket.create_connection(("{sticky}", 81), 5).recv(64).decode())
+try:
+    socket.create_connection(("{empty}", 80), 5); print("empty connected")
+except ConnectionRefusedError:
+    print("empty refused")
+"#
+    );
+    let (code, out) = c.fjordctl(&["pod", "exec", "default/client", "--", "python3", "-c", &script]);
+    assert_eq!(code, 0, "{out}");
+    let after = counters(&c.client().metrics().await.unwrap());
+    let pods_cg = fjordctl::cluster::pods_cgroup(&c.node().dir, &c.node().name).unwrap();
+    let cg_name = pods_cg.file_name().unwrap().to_string_lossy().to_string();
+    assert!(out.lines().next().is_some_and(|l| l.ends_with(&format!("/{cg_name}"))), "pod exec runs in the pods cgroup: {out}");
+    let mut served = BTreeMap::<String, usize>::new();
+    for l in out.lines().filter(|l| l.starts_with("tcp ")) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(w[2], client_ip, "the backend sees the pod's own address: {l}");
+        assert_eq!((w[3], w[4]), (web.to_string().as_str(), "80"), "getpeername() shows the service: {l}");
+        *served.entry(w[1].to_string()).or_default() += 1;
+    }
+    assert_eq!(served.values().sum::<usize>(), 30, "{out}");
+    // random socket cookies over 3 backends: all 30 on one has p = 3 * 3^-30
+    assert!(served.len() >= 2 && served.keys().all(|k| k.starts_with("web")), "{served:?}");
+    let udp: Vec<&str> = out.lines().filter(|l| l.starts_with("udp ")).collect();
+    assert_eq!(udp.len(), 10, "{out}");
+    for l in &udp {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        assert!(w[1].starts_with("web"), "{l}");
+        assert_eq!((w[2], w[3]), (web.to_string().as_str(), "53"), "recvfrom() shows the service as the source: {l}");
+    }
+    let stickies: std::collections::BTreeSet<&str> = out.lines().filter_map(|l| l.strip_prefix("sticky ")).collect();
+    assert_eq!(stickies.len(), 1, "sessionAffinity (left to tc, keyed by the pod's address) holds: {out}");
+    assert!(out.contains("empty refused"), "no backends: connection refused at once (tc's RST): {out}");
+    let d = |i: usize| after[i] - before[i];
+    assert!(d(0) >= 40, "30 connects + 10 sendto translated in the cgroup hook: {before:?} -> {after:?}");
+    assert!(d(1) >= 11, "sticky and empty left to tc: {before:?} -> {after:?}");
+    assert_eq!(d(2), 10, "conntrack entries only for the 10 sticky flows (tc), none for the socket-LB flows: {before:?} -> {after:?}");
+    assert!(d(3) >= 9, "affinity hits on the tc path: {before:?} -> {after:?}");
+    assert!(d(4) >= 1, "RST for the empty service: {before:?} -> {after:?}");
+
+    // A process outside the pods cgroup (this test, in the pod's namespace) uses the tc path.
+    let before = counters(&c.client().metrics().await.unwrap());
+    for _ in 0..5 {
+        assert!(who(&cns, SocketAddr::new(web.into(), 80)).unwrap().0.starts_with("web"));
+    }
+    let after = counters(&c.client().metrics().await.unwrap());
+    assert_eq!((after[0] - before[0], after[2] - before[2]), (0, 5), "tc path: 5 conntrack entries, no socket LB");
+
+    let (code, out) = c.fjordctl(&["status", "--verbose"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Socket LB:") && out.contains(&pods_cg.display().to_string()), "status names the pods cgroup: {out}");
+}

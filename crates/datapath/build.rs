@@ -19,7 +19,7 @@ const STRUCTS: &[(&str, &[&str])] = &[
     ("fj_affinity_value", &["backend_id", "pad", "last_ns"]),
     ("fj_config", &["maglev_size", "max_tables", "flags", "version", "node_ip", "pod_net", "pod_mask", "cluster_net",
         "cluster_mask", "hairpin_ip", "snat_port_min", "snat_port_max", "tcp_syn_s", "tcp_established_s",
-        "tcp_closing_s", "udp_s"]),
+        "tcp_closing_s", "udp_s", "pad", "host_netns_cookie"]),
     ("fj_sock_revnat", &["vip", "backend_ip", "port", "backend_port", "pad"]),
     ("fj_maglev_chunk", &["backend_id"]),
 ];
@@ -28,7 +28,7 @@ const CONSTS: &[&str] = &[
     "FJ_PROTO_TCP", "FJ_PROTO_UDP", "FJ_CT_DIR_FWD", "FJ_CT_DIR_REPLY", "FJ_LAYOUT_VERSION",
     "FJ_STAT_DNAT", "FJ_STAT_REVNAT", "FJ_STAT_CT_NEW", "FJ_STAT_CT_HIT", "FJ_STAT_NO_BACKEND",
     "FJ_STAT_RST_SENT", "FJ_STAT_RESELECT", "FJ_STAT_ERROR", "FJ_STAT_SOCK_LB", "FJ_STAT_ICMP_SENT", "FJ_STAT_CT_STALE",
-    "FJ_STAT_NODEPORT", "FJ_STAT_SNAT", "FJ_STAT_SNAT_FAIL", "FJ_STAT_HAIRPIN", "FJ_STAT_AFFINITY", "FJ_STAT_CT_EXPIRED", "FJ_STAT_MAX",
+    "FJ_STAT_NODEPORT", "FJ_STAT_SNAT", "FJ_STAT_SNAT_FAIL", "FJ_STAT_HAIRPIN", "FJ_STAT_AFFINITY", "FJ_STAT_CT_EXPIRED", "FJ_STAT_SOCK_TO_TC", "FJ_STAT_MAX",
     "FJ_CT_DIR_SNAT_FWD", "FJ_CT_DIR_SNAT_REV", "FJ_CT_SYN", "FJ_CT_ESTABLISHED", "FJ_CT_CLOSING", "FJ_CT_F_SNAT", "FJ_CT_F_HAIRPIN", "FJ_CT_F_NONAT",
     "FJ_SVC_F_AFFINITY", "FJ_SVC_F_EXTERNAL", "FJ_CFG_F_MASQUERADE", "FJ_MAGLEV_CHUNK",
 ];

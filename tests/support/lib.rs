@@ -76,11 +76,16 @@ impl TestCluster {
 
     /// Like [`up_with`](Self::up_with), with extra fjord-agent flags.
     pub async fn up_full(nodes: u32, store: &str, routing: &str, agent_args: Vec<String>) -> TestCluster {
+        Self::up_opts(nodes, store, routing, agent_args, false).await
+    }
+
+    /// Like [`up_full`](Self::up_full); `socket_lb_pods`: `cluster up --socket-lb-pods`.
+    pub async fn up_opts(nodes: u32, store: &str, routing: &str, agent_args: Vec<String>, socket_lb_pods: bool) -> TestCluster {
         let lock = kernel_lock();
         let tmp = tempfile::Builder::new().prefix("fj").tempdir_in("/tmp").unwrap();
         let home = Home::new(Some(tmp.path().to_path_buf()));
         let name = format!("e2e{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
-        let opts = UpOptions { name, nodes, store: store.into(), routing: routing.into(), bin_dir: bin_dir(), agent_args };
+        let opts = UpOptions { name, nodes, store: store.into(), routing: routing.into(), bin_dir: bin_dir(), agent_args, socket_lb_pods };
         let state = cluster::up(&home, &opts, &|_| {}).await.expect("cluster up");
         TestCluster { home, state, _tmp: tmp, _lock: lock }
     }
@@ -126,6 +131,18 @@ impl TestCluster {
 
     pub fn node_netns(&self) -> PathBuf {
         netns::path(&self.node().netns)
+    }
+
+    /// Runs the fjordctl binary against this cluster: (exit code, stdout + stderr).
+    pub fn fjordctl(&self, args: &[&str]) -> (i32, String) {
+        let out = std::process::Command::new(bin_dir().join("fjordctl"))
+            .arg("--fjord-home")
+            .arg(&self.home.dir)
+            .args(["--cluster", &self.state.name])
+            .args(args)
+            .output()
+            .expect("run fjordctl");
+        (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }
 

@@ -300,12 +300,14 @@ impl Agent {
         let r = tokio::task::spawn_blocking(move || {
             let dp = dp.lock().unwrap();
             let mode = format!("{:?}", dp.config().attach).to_lowercase();
-            (dp.config().pin_dir.display().to_string(), dp.attached(), dp.map_stats(), dp.counters(), mode, dp.attachments())
+            let cgroups: Vec<String> = dp.socket_lb_cgroups().iter().map(|c| c.display().to_string()).collect();
+            (dp.config().pin_dir.display().to_string(), dp.attached(), dp.map_stats(), dp.counters(), mode, dp.attachments(), cgroups)
         })
         .await;
         match r {
-            Ok((pin, attached, maps, counters, mode, detail)) => {
+            Ok((pin, attached, maps, counters, mode, detail, cgroups)) => {
                 st.pin_dir = pin;
+                st.socket_lb_cgroups = cgroups;
                 st.attached = attached;
                 st.attach_mode = mode;
                 let mut devs: BTreeMap<String, Vec<String>> = BTreeMap::new();

@@ -100,11 +100,14 @@ struct Args {
     /// Conntrack timeout of UDP flows without packets.
     #[arg(long, env = "FJORD_CT_TIMEOUT_UDP", default_value = "60s", value_parser = parse_duration)]
     ct_timeout_udp: Duration,
-    /// A cgroup v2 directory whose processes (the node's host-network processes) get the
-    /// socket-level LB: connect()/sendmsg() to a service go straight to a backend. Created if
+    /// A cgroup v2 directory whose processes get the socket-level LB: connect()/sendmsg() to a
+    /// service go straight to a backend, so no packet of the flow needs translating. Give the
+    /// node's host-network processes' cgroup (they have no veth for the tc programs), and the
+    /// pods' parent cgroup (e.g. /sys/fs/cgroup/kubepods.slice) for pods too, as Cilium does
+    /// by default. Repeat the flag (or separate by commas in the env) for several. Created if
     /// missing; the cgroup2 root itself is refused.
-    #[arg(long, env = "FJORD_SOCKET_LB_CGROUP")]
-    socket_lb_cgroup: Option<PathBuf>,
+    #[arg(long, env = "FJORD_SOCKET_LB_CGROUP", value_delimiter = ',')]
+    socket_lb_cgroup: Vec<PathBuf>,
     /// How often conntrack GC removes entries idle past their timeout.
     #[arg(long, env = "FJORD_CT_GC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     ct_gc_interval: Duration,
@@ -391,7 +394,7 @@ async fn run(args: Args) -> Result<()> {
             for n in &names {
                 dp.attach(n).with_context(|| format!("re-attaching to {n}"))?;
             }
-            if let Some(cg) = &socket_lb_cgroup {
+            for cg in &socket_lb_cgroup {
                 prepare_socket_lb_cgroup(cg)?;
                 dp.attach_cgroup(cg).with_context(|| format!("attaching the socket LB to {}", cg.display()))?;
             }

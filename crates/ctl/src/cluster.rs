@@ -29,6 +29,9 @@ pub struct UpOptions {
     pub bin_dir: PathBuf,
     /// Extra fjord-agent flags for every node (e.g. `--datapath off`).
     pub agent_args: Vec<String>,
+    /// Attach the socket-level LB to the pods' cgroup too (Cilium's default,
+    /// `bpf-lb-sock-hostns-only=false`); otherwise pods use the tc programs at their veth.
+    pub socket_lb_pods: bool,
 }
 
 /// Where fjord's binaries are: `FJORD_BIN_DIR`, else next to this fjordctl.
@@ -177,7 +180,14 @@ async fn build(home: &Home, o: &UpOptions, state: &mut ClusterState, progress: &
             routing: o.routing.clone(),
             allocate_pod_cidr: o.store == "etcd",
             agent_args: o.agent_args.clone(),
+            socket_lb_pods: o.socket_lb_pods,
         };
+        // the pods' parent cgroup (kubelet's kubepods.slice): `pod exec` runs commands in it
+        if let Some(cg) = pods_cgroup(&node.dir, &node.name) {
+            if !cg.exists() {
+                std::fs::create_dir(&cg).with_context(|| format!("creating the pods' cgroup {}", cg.display()))?;
+            }
+        }
         // node1 runs the Gateway API proxy (listeners on its underlay address, reachable from ext),
         // unless `--agent-arg --no-gateway` asks for a cluster without it (e.g. benchmarks of the
         // service datapath alone).
@@ -317,6 +327,12 @@ pub fn start_agent(bin_dir: &Path, node: &NodeState) -> Result<u32> {
     if let Some(cg) = node_cgroup(&node.dir, &node.name) {
         cmd.arg("--socket-lb-cgroup").arg(cg);
     }
+    // ... and for its pods when the cluster asks for it
+    if node.socket_lb_pods {
+        if let Some(cg) = pods_cgroup(&node.dir, &node.name) {
+            cmd.arg("--socket-lb-cgroup").arg(cg);
+        }
+    }
     // Short leases in the dev cluster, so a dead node leaves quickly.
     cmd.arg("--node-lease-ttl").arg("5s")
         .arg("--api-socket")
@@ -429,6 +445,12 @@ pub fn node_cgroup(node_dir: &Path, node: &str) -> Option<PathBuf> {
     cgroup2_root().map(|r| r.join(format!("fjord-dev-{cluster}-{node}")))
 }
 
+/// The parent cgroup of a node's pods (like kubelet's kubepods.slice): `pod exec` runs
+/// commands in it; with `cluster up --socket-lb-pods` the agent attaches the socket LB to it.
+pub fn pods_cgroup(node_dir: &Path, node: &str) -> Option<PathBuf> {
+    node_cgroup(node_dir, node).map(|c| PathBuf::from(format!("{}-pods", c.display())))
+}
+
 /// Removes a dev-cluster node cgroup: processes still in it (started by `cluster exec
 /// --node`) are killed first.
 fn remove_node_cgroup(cg: &Path) -> Result<()> {
@@ -479,7 +501,7 @@ pub async fn down(home: &Home, name: &str, progress: &dyn Fn(&str)) -> Result<()
     }
     if let Some(s) = &state {
         for n in &s.nodes {
-            if let Some(cg) = node_cgroup(&n.dir, &n.name) {
+            for cg in [node_cgroup(&n.dir, &n.name), pods_cgroup(&n.dir, &n.name)].into_iter().flatten() {
                 if cg.exists() {
                     remove_node_cgroup(&cg)?;
                     progress(&format!("removed cgroup {}", cg.display()));
@@ -527,6 +549,16 @@ pub fn exec_on_node(node: &NodeState, argv: &[String]) -> Result<i32> {
             .with_context(|| format!("joining the node's cgroup {}", cg.display()))?;
     }
     exec_in(&netns::path(&node.netns), argv)
+}
+
+/// Like [`exec_in`], as a process of a pod: inside its network namespace and its node's pods
+/// cgroup (where the socket-level LB serves ClusterIPs with `cluster up --socket-lb-pods`).
+pub fn exec_in_pod(node: &NodeState, ns: &Path, argv: &[String]) -> Result<i32> {
+    if let Some(cg) = pods_cgroup(&node.dir, &node.name).filter(|c| c.exists()) {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining the pods' cgroup {}", cg.display()))?;
+    }
+    exec_in(ns, argv)
 }
 
 /// Replace this process with a command running inside a namespace (like `ip netns exec`),

@@ -38,6 +38,9 @@ pub struct NodeState {
     /// Extra fjord-agent flags (e.g. `--datapath off`), kept for restarts.
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// Pods get the socket-level LB too (their parent cgroup is given to the agent).
+    #[serde(default)]
+    pub socket_lb_pods: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

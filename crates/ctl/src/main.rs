@@ -139,6 +139,12 @@ enum ClusterCmd {
         /// Extra flag for every node's fjord-agent (repeatable), e.g. --agent-arg=--datapath=off.
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+        /// Socket-level LB for pods too (Cilium's default, bpf-lb-sock-hostns-only=false): a
+        /// pod's connect() to a ClusterIP goes straight to a backend, so no packet of the flow is
+        /// translated. Without it pods use the tc programs at their veth (per-packet NAT with
+        /// eBPF conntrack); the node's host-network processes always use the socket LB.
+        #[arg(long)]
+        socket_lb_pods: bool,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -299,14 +305,14 @@ async fn run(cli: Cli) -> Result<i32> {
 
 async fn cluster_cmd(home: &Home, explicit: Option<&str>, c: ClusterCmd) -> Result<i32> {
     match c {
-        ClusterCmd::Up { name, nodes, store, routing, agent_args, output } => {
+        ClusterCmd::Up { name, nodes, store, routing, agent_args, socket_lb_pods, output } => {
             let quiet = output != Output::Text;
             let progress = |m: &str| {
                 if !quiet {
                     println!("{m}")
                 }
             };
-            let opts = cluster::UpOptions { name: name.clone(), nodes, store, routing, bin_dir: cluster::bin_dir(), agent_args };
+            let opts = cluster::UpOptions { name: name.clone(), nodes, store, routing, bin_dir: cluster::bin_dir(), agent_args, socket_lb_pods };
             let st = cluster::up(home, &opts, &progress).await?;
             if !emit(output, &st)? {
                 println!("cluster {name} is up; it is now the current cluster. Next: `fjordctl pod add default/web`, `fjordctl status`.");
@@ -385,8 +391,8 @@ async fn pod_cmd(cl: &fjordctl::context::ClusterState, p: PodCmd) -> Result<i32>
             Ok(0)
         }
         PodCmd::Exec { pod: r, command } => {
-            let ns = pod::netns_of(cl, &r).await?;
-            cluster::exec_in(&ns, &command)
+            let (ns, node) = pod::netns_and_node_of(cl, &r).await?;
+            cluster::exec_in_pod(node, &ns, &command)
         }
     }
 }
@@ -452,6 +458,10 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
             println!("    Hooks:            {mode}: {pods} pod veths (ingress from_pod, egress to_pod); node devices {} \
                 (ingress from_net: NodePort/externalIPs + SNAT replies; egress to_net: masquerade); no iptables rules",
                 if devs.is_empty() { "none".to_string() } else { devs.join(", ") });
+            let cgs: Vec<&str> = dp["socketLbCgroups"].as_array().map_or(vec![], |a| a.iter().filter_map(|d| d.as_str()).collect());
+            if !cgs.is_empty() {
+                println!("    Socket LB:        cgroup connect4/sendmsg4/recvmsg4/getpeername4 on {}", cgs.join(", "));
+            }
             println!("    Services:         {} frontends, {} backends; last sync {}{}", dp["frontends"], dp["backends"],
                 dp["lastSyncMsAgo"].as_u64().map_or("never".into(), |ms| format!("{ms} ms ago")),
                 dp["lastSyncDurationUs"].as_u64().map_or(String::new(), |us| format!(" (took {:.2} ms)", us as f64 / 1000.0)));

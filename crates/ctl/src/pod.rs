@@ -225,11 +225,16 @@ pub async fn list(cluster: &ClusterState) -> Result<Vec<PodInfo>> {
 }
 
 pub async fn netns_of(cluster: &ClusterState, reference: &str) -> Result<PathBuf> {
+    Ok(netns_and_node_of(cluster, reference).await?.0)
+}
+
+/// The pod's network namespace and its node.
+pub async fn netns_and_node_of<'a>(cluster: &'a ClusterState, reference: &str) -> Result<(PathBuf, &'a NodeState)> {
     let (ns, name) = parse_ref(reference)?;
-    let (pod, _) = find(cluster, &ns, &name).await?;
+    let (pod, node) = find(cluster, &ns, &name).await?;
     let p = pod.netns.map(PathBuf::from).context("pod has no network namespace")?;
     if !p.exists() {
         bail!("the network namespace of pod {ns}/{name} ({}) is gone", p.display());
     }
-    Ok(p)
+    Ok((p, node))
 }

@@ -168,6 +168,8 @@ pub struct Config {
     pub tcp_established_s: u32,
     pub tcp_closing_s: u32,
     pub udp_s: u32,
+    pub pad: u32,
+    pub host_netns_cookie: u64,
 }
 
 /// An IPv4 address in the byte order of the maps (network order in memory).
@@ -214,7 +216,7 @@ pub const CT_F_NONAT: u8 = 4;
 pub const SVC_F_AFFINITY: u32 = 1;
 pub const SVC_F_EXTERNAL: u32 = 2;
 pub const CFG_F_MASQUERADE: u32 = 1;
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Slots per Maglev table chunk (`FJ_MAGLEV_CHUNK`): a table of M slots is an array of
 /// ceil(M / MAGLEV_CHUNK) chunks of MAGLEV_CHUNK backend ids.
 pub const MAGLEV_CHUNK: usize = 1024;
@@ -265,7 +267,8 @@ mod tests {
             hairpin_ip => OFFSETOF_FJ_CONFIG_HAIRPIN_IP, snat_port_min => OFFSETOF_FJ_CONFIG_SNAT_PORT_MIN,
             snat_port_max => OFFSETOF_FJ_CONFIG_SNAT_PORT_MAX, tcp_syn_s => OFFSETOF_FJ_CONFIG_TCP_SYN_S,
             tcp_established_s => OFFSETOF_FJ_CONFIG_TCP_ESTABLISHED_S,
-            tcp_closing_s => OFFSETOF_FJ_CONFIG_TCP_CLOSING_S, udp_s => OFFSETOF_FJ_CONFIG_UDP_S);
+            tcp_closing_s => OFFSETOF_FJ_CONFIG_TCP_CLOSING_S, udp_s => OFFSETOF_FJ_CONFIG_UDP_S,
+            pad => OFFSETOF_FJ_CONFIG_PAD, host_netns_cookie => OFFSETOF_FJ_CONFIG_HOST_NETNS_COOKIE);
         check!(SockRevNat, SIZEOF_FJ_SOCK_REVNAT, vip => OFFSETOF_FJ_SOCK_REVNAT_VIP,
             backend_ip => OFFSETOF_FJ_SOCK_REVNAT_BACKEND_IP, port => OFFSETOF_FJ_SOCK_REVNAT_PORT,
             backend_port => OFFSETOF_FJ_SOCK_REVNAT_BACKEND_PORT, pad => OFFSETOF_FJ_SOCK_REVNAT_PAD);
@@ -313,6 +316,7 @@ mod tests {
         assert_eq!(crate::Stat::SockLb as u64, c::FJ_STAT_SOCK_LB);
         assert_eq!(crate::Stat::IcmpSent as u64, c::FJ_STAT_ICMP_SENT);
         assert_eq!(crate::Stat::CtStale as u64, c::FJ_STAT_CT_STALE);
+        assert_eq!(crate::Stat::SockToTc as u64, c::FJ_STAT_SOCK_TO_TC);
     }
 
     #[test]

@@ -96,10 +96,11 @@ pub enum Stat {
     Hairpin = 14,
     Affinity = 15,
     CtExpired = 16,
+    SockToTc = 17,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 17] = [
+    pub const ALL: [Stat; 18] = [
         Stat::Dnat,
         Stat::Revnat,
         Stat::CtNew,
@@ -117,6 +118,7 @@ impl Stat {
         Stat::Hairpin,
         Stat::Affinity,
         Stat::CtExpired,
+        Stat::SockToTc,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -137,6 +139,7 @@ impl Stat {
             Stat::Hairpin => "hairpin_new",
             Stat::Affinity => "affinity_hit",
             Stat::CtExpired => "ct_expired",
+            Stat::SockToTc => "sock_to_tc",
         }
     }
 }
@@ -164,6 +167,8 @@ pub enum DatapathError {
     Link { program: &'static str, iface: String, op: &'static str, source: Box<LinkError> },
     #[error("link pin {path}: {op}: {source}")]
     LinkPin { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("reading the node namespace's cookie (SO_NETNS_COOKIE): {source}; fjord needs Linux >= 5.14")]
+    NetnsCookie { source: io::Error },
     #[error("cgroup {path}: {source}; give the path of a cgroup v2 directory (e.g. under /sys/fs/cgroup/unified)")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("interface {iface:?} does not exist in this network namespace: create the pod's veth first")]
@@ -478,6 +483,8 @@ pub struct Datapath {
     pool_dirty: Vec<(u32, MapData)>,
     /// socket-LB programs, loaded on the first attach_cgroup()
     sock: Option<Ebpf>,
+    /// cgroups this process attached the socket LB to
+    sock_cgroups: Vec<PathBuf>,
     /// blank tables made ahead of a bulk install (see [`TableStash`])
     stash: Arc<TableStash>,
 }
@@ -649,6 +656,9 @@ impl Datapath {
         cur.tcp_established_s = cfg.timeouts.tcp_established;
         cur.tcp_closing_s = cfg.timeouts.tcp_closing;
         cur.udp_s = cfg.timeouts.udp;
+        // the namespace this datapath serves (the node's): the socket LB tells its
+        // host-network processes from pods by it
+        cur.host_netns_cookie = own_netns_cookie().map_err(|source| DatapathError::NetnsCookie { source })?;
         config.set(0, cur, 0).map_err(map_err(MAP_CONFIG, "write"))?;
 
         let stash = Arc::new(TableStash { maglev_size: cfg.maglev_size, tables: Mutex::new(Vec::new()), stop: false.into() });
@@ -676,6 +686,7 @@ impl Datapath {
             pool_clean: Vec::new(),
             pool_dirty: Vec::new(),
             sock: None,
+            sock_cgroups: Vec::new(),
             stash,
         };
         dp.recover()?;
@@ -1714,7 +1725,15 @@ impl Datapath {
             fd.pin(&pin).map_err(|e| DatapathError::LinkPin { path: pin.clone(), op: "pin", source: io::Error::other(format!("{e:?}")) })?;
         }
         info!(cgroup = %cgroup.display(), "socket LB attached");
+        if !self.sock_cgroups.iter().any(|c| c == cgroup) {
+            self.sock_cgroups.push(cgroup.to_path_buf());
+        }
         Ok(())
+    }
+
+    /// Cgroups with the socket LB (attached by this process).
+    pub fn socket_lb_cgroups(&self) -> &[PathBuf] {
+        &self.sock_cgroups
     }
 
     /// Detaches the socket LB from `cgroup` (removes its pinned links).
@@ -1737,6 +1756,7 @@ impl Datapath {
                 }
             }
         }
+        self.sock_cgroups.retain(|c| c != cgroup);
         if !found {
             return Err(DatapathError::NotAttached { iface: cgroup.display().to_string(), dir });
         }
@@ -2124,4 +2144,19 @@ mod tests {
             assert!(sock.maps.contains_key(m), "map {m} missing from the socket-LB object");
         }
     }
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+): what
+/// `bpf_get_netns_cookie()` returns for sockets of that namespace.
+pub fn own_netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("127.0.0.1:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie/len are valid for the size passed
+    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, &mut cookie as *mut u64 as *mut libc::c_void, &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }

@@ -252,6 +252,9 @@ pub struct DatapathStatus {
     /// Node devices (not pod veths) with fjord's programs, as `name (ingress, egress)`.
     #[serde(default)]
     pub node_devices: Vec<String>,
+    /// Cgroups v2 with the socket-level LB (connect4, sendmsg4, recvmsg4, getpeername4).
+    #[serde(default)]
+    pub socket_lb_cgroups: Vec<String>,
     pub maps: Vec<MapStatus>,
     pub counters: BTreeMap<String, u64>,
     pub frontends: u64,
