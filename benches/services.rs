@@ -20,6 +20,11 @@
 //!   `nft` kube-proxy's nftables layout loaded by one `nft -f`, `dir` nothing (the floor).
 //! * backends: TCP echo servers on ports 10000..10000+P in every backend pod (P = min(N,
 //!   1000)); service i has its 3 backends on port 10000 + i % P of the 3 pods.
+//! * fjord has two rows: "fjord (eBPF tc)", a client pod whose connections are translated
+//!   per packet by the tc programs at its veth, and "fjord (socket LB)", a client pod whose
+//!   process is in the node's pods cgroup (`cluster up --socket-lb-pods`), so connect()
+//!   goes straight to the backend (that client runs in a child process: cgroups are per
+//!   process).
 //! * client: the same code for every variant, in the client's namespace: TCP_CRR
 //!   (connect + 32-byte request/response + close) and TCP_RR (32-byte request/response on
 //!   16 kept connections), the target service picked at random per connection. Every size's
@@ -42,6 +47,10 @@ const MSG: usize = 32;
 const RR_CONNS: usize = 16;
 /// Latency rows are measured in this many interleaved rounds (see `run`).
 const ROUNDS: usize = 10;
+/// fjord's rows: pods through the tc programs at their veth (per-packet NAT, eBPF conntrack),
+/// and pods in the socket-LB cgroup (connect() goes to the backend; `cluster up --socket-lb-pods`)
+const FJ_TC: &str = "fjord (eBPF tc)";
+const FJ_SOCK: &str = "fjord (socket LB)";
 
 struct Rng(u64);
 impl Rng {
@@ -472,6 +481,57 @@ fn measure(ns: &Path, t: &Targets, crr: usize, rr: usize, seed: u64) -> Lat {
     .unwrap()
 }
 
+/// [`measure`] in a child process (this bench binary again, `FJBN_CHILD=1`) that first joins
+/// the cgroup `cg`: cgroup membership is per process, and only the socket-LB variant's client
+/// may be in the pods cgroup (the other variants' clients are threads of this process).
+fn measure_in_cgroup(cg: &Path, ns: &Path, t: &Targets, crr: usize, rr: usize, seed: u64) -> Lat {
+    let Targets::Vip(v) = t else { panic!("the socket-LB variant connects to VIPs") };
+    let mut input = format!("{}\n{}\n{crr} {rr} {seed}\n", cg.display(), ns.display());
+    for a in v {
+        input.push_str(&format!("{a}\n"));
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("FJBN_CHILD", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the socket-LB client");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "socket-LB client failed");
+    let mut lat = Lat::default();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        match l.split_once(' ') {
+            Some(("crr", x)) => lat.crr.push(x.parse().unwrap()),
+            Some(("rr", x)) => lat.rr.push(x.parse().unwrap()),
+            Some(("errors", x)) => lat.errors += x.parse::<usize>().unwrap(),
+            _ => {}
+        }
+    }
+    lat
+}
+
+/// The child side of [`measure_in_cgroup`].
+fn child_main() {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).unwrap();
+    let mut lines = input.lines();
+    let (cg, ns) = (lines.next().unwrap(), lines.next().unwrap());
+    let p: Vec<u64> = lines.next().unwrap().split(' ').map(|x| x.parse().unwrap()).collect();
+    let targets = Targets::Vip(lines.map(|l| l.parse().unwrap()).collect());
+    std::fs::write(Path::new(cg).join("cgroup.procs"), std::process::id().to_string()).expect("join the pods cgroup");
+    let lat = measure(Path::new(ns), &targets, p[0] as usize, p[1] as usize, p[2]);
+    let mut o = String::new();
+    for x in &lat.crr {
+        o.push_str(&format!("crr {x}\n"));
+    }
+    for x in &lat.rr {
+        o.push_str(&format!("rr {x}\n"));
+    }
+    o.push_str(&format!("errors {}\n", lat.errors));
+    std::io::stdout().write_all(o.as_bytes()).unwrap();
+}
+
 // ---------------------------------------------------------------- fjord side
 
 fn manifest(svcs: &[Svc], range: std::ops::Range<usize>, ready: &dyn Fn(usize, usize) -> bool) -> String {
@@ -537,6 +597,9 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
 }
 
 fn main() {
+    if std::env::var_os("FJBN_CHILD").is_some() {
+        return child_main();
+    }
     let smoke = !std::env::args().any(|a| a == "--bench");
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let nmax = if smoke { 20 } else { env("FJORD_BENCH_SERVICES", 10000).clamp(1, 10000) };
@@ -562,7 +625,10 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     let max_services = (nmax + 64).max(1024).to_string();
     // the service datapath alone: no in-agent Gateway API controller (it would cache all 10,000
     // services and slices too)
-    let mut c = TestCluster::up_full(1, "embedded", "native", vec!["--max-services".into(), max_services, "--no-gateway".into()]).await;
+    // `cluster up --socket-lb-pods`: processes in the node's pods cgroup get the socket LB; the
+    // bench's own threads are not in it, so the other fjord rows use the tc programs
+    let mut c = TestCluster::up_opts(1, "embedded", "native", vec!["--max-services".into(), max_services, "--no-gateway".into()], true).await;
+    let pods_cg = fjordctl::cluster::pods_cgroup(&c.node().dir, &c.node().name).expect("cgroup v2");
     let mut nss = Netns(vec![]);
     let api = c.client();
     let agent_pid = c.node().agent_pid.unwrap();
@@ -578,6 +644,8 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     // holds only its own connections (TIME_WAIT sockets, ephemeral ports), as the baselines' do
     let fj_direct_client = pod::add(&c.state, None, "bench/client-direct", BTreeMap::new()).await.expect("second client pod");
     let fj_direct_client_ns = pod_netns(&fj_direct_client);
+    let fj_sock_client = pod::add(&c.state, None, "bench/client-sock", BTreeMap::new()).await.expect("socket-LB client pod");
+    let fj_sock_client_ns = pod_netns(&fj_sock_client);
     let fj_svcs = services(nmax, ports, &fj_backends);
 
     // ---- baselines: shared backend pods, one node namespace per layout ----
@@ -700,6 +768,10 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     }
     let agent_pid = c.node().agent_pid.unwrap();
     let agent_cpu0 = cpu_seconds_of(agent_pid);
+    let sock_events = |m: &str| -> f64 {
+        m.lines().filter(|l| l.starts_with("fjord_datapath_events{") && l.contains("event=\"sock_lb\"")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let sock0 = sock_events(&api.metrics().await.unwrap());
     let mut agent_busy: Vec<(usize, f64, f64)> = vec![];
     let t_lat = Instant::now();
 
@@ -725,12 +797,14 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
         }
         let vips = |svcs: &[Svc]| Targets::Vip(svcs[..n].iter().map(|s| SocketAddr::new(s.vip.into(), VIP_PORT)).collect());
         let direct = |svcs: &[Svc]| Targets::Direct(svcs[..n].iter().map(|s| s.backends.iter().map(|b| SocketAddr::new(b.0.into(), b.1)).collect()).collect());
-        let variants: [(&'static str, &Path, Targets); 5] = [
-            ("fjord (eBPF)", &fj_client_ns, vips(&fj_svcs)),
-            ("iptables (kube-proxy)", &ipt.client, vips(&bl_svcs)),
-            ("nftables (kube-proxy)", &nft.client, vips(&bl_svcs)),
-            ("direct pod IP", &dir.client, direct(&bl_svcs)),
-            ("direct, fjord node", &fj_direct_client_ns, direct(&fj_svcs)),
+        // (row, client namespace, targets, client in the pods cgroup)
+        let variants: [(&'static str, &Path, Targets, bool); 6] = [
+            (FJ_TC, &fj_client_ns, vips(&fj_svcs), false),
+            (FJ_SOCK, &fj_sock_client_ns, vips(&fj_svcs), true),
+            ("iptables (kube-proxy)", &ipt.client, vips(&bl_svcs), false),
+            ("nftables (kube-proxy)", &nft.client, vips(&bl_svcs), false),
+            ("direct pod IP", &dir.client, direct(&bl_svcs), false),
+            ("direct, fjord node", &fj_direct_client_ns, direct(&fj_svcs), false),
         ];
         // Interleaved: ROUNDS rounds, each measuring every variant with 1/ROUNDS of the
         // connections, in a rotated order, so that the shared machine's drift over the
@@ -741,7 +815,12 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
             for k in 0..variants.len() {
                 let v = (k + r) % variants.len();
                 seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                let l = measure(variants[v].1, &variants[v].2, crr.div_ceil(ROUNDS), rr.div_ceil(ROUNDS), seed);
+                let (_, ns, targets, in_cg) = &variants[v];
+                let l = if *in_cg {
+                    measure_in_cgroup(&pods_cg, ns, targets, crr.div_ceil(ROUNDS), rr.div_ceil(ROUNDS), seed)
+                } else {
+                    measure(ns, targets, crr.div_ceil(ROUNDS), rr.div_ceil(ROUNDS), seed)
+                };
                 lats[v].crr.extend(l.crr);
                 lats[v].rr.extend(l.rr);
                 lats[v].errors += l.errors;
@@ -753,6 +832,11 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
         }
     }
     let rss_end = rss_of(agent_pid).unwrap();
+    // the socket-LB rows really went through the cgroup hooks (and only they: the tc rows'
+    // clients are outside the pods cgroup)
+    let sock_conns: usize = rows.iter().filter(|r| r.variant == FJ_SOCK).map(|r| r.lat.crr.len()).sum();
+    let sock_lb = sock_events(&api.metrics().await.unwrap()) - sock0;
+    assert!(sock_lb >= sock_conns as f64, "socket-LB rows: {sock_lb} translations for {sock_conns} measured connections");
     let (agent_cpu, lat_wall) = (cpu_seconds_of(agent_pid) - agent_cpu0, t_lat.elapsed().as_secs_f64());
 
     // ---- report ----
@@ -777,31 +861,35 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     }
     let get = |v: &str, n: usize| rows.iter().find(|r| r.variant == v && r.n == n).map(|r| &r.lat).unwrap();
     let (big, small) = (sizes[0], *sizes.last().unwrap());
-    let fj = get("fjord (eBPF)", big);
-    println!();
-    println!("ratios at {big} services (CRR p50 / p99; > 1 means fjord is slower):");
-    let ratio = |name: &str, other: &Lat| {
+    let d_big = get("direct pod IP", big);
+    let d_small = get("direct pod IP", small);
+    for fjv in [FJ_TC, FJ_SOCK] {
+        let fj = get(fjv, big);
+        println!();
+        println!("ratios of {fjv} at {big} services (> 1 means fjord is slower):");
+        let ratio = |name: &str, other: &Lat| {
+            println!(
+                "  fjord@{big} / {name:<22} CRR p50 {:.3}  p99 {:.3}   RR p50 {:.3}  p99 {:.3}",
+                fj.p(false, 50.0) / other.p(false, 50.0),
+                fj.p(false, 99.0) / other.p(false, 99.0),
+                fj.p(true, 50.0) / other.p(true, 50.0),
+                fj.p(true, 99.0) / other.p(true, 99.0)
+            );
+        };
+        let fj_small = get(fjv, small);
+        ratio(&format!("fjord@{small}"), fj_small);
+        ratio(&format!("direct@{big}"), d_big);
+        ratio(&format!("direct (fjord node)@{big}"), get("direct, fjord node", big));
+        ratio(&format!("iptables@{big}"), get("iptables (kube-proxy)", big));
+        ratio(&format!("nftables@{big}"), get("nftables (kube-proxy)", big));
+        // sizes are measured minutes apart on a shared machine: direct pod IP in the same phase
+        // shows how much the machine itself (and the backends' side) changed between them
         println!(
-            "  fjord@{big} / {name:<22} CRR p50 {:.3}  p99 {:.3}   RR p50 {:.3}  p99 {:.3}",
-            fj.p(false, 50.0) / other.p(false, 50.0),
-            fj.p(false, 99.0) / other.p(false, 99.0),
-            fj.p(true, 50.0) / other.p(true, 50.0),
-            fj.p(true, 99.0) / other.p(true, 99.0)
+            "  drift-corrected fjord@{big} / fjord@{small} = (fjord/direct)@{big} / (fjord/direct)@{small}: CRR p50 {:.3}  RR p50 {:.3}",
+            (fj.p(false, 50.0) / d_big.p(false, 50.0)) / (fj_small.p(false, 50.0) / d_small.p(false, 50.0)),
+            (fj.p(true, 50.0) / d_big.p(true, 50.0)) / (fj_small.p(true, 50.0) / d_small.p(true, 50.0))
         );
-    };
-    ratio(&format!("fjord@{small}"), get("fjord (eBPF)", small));
-    ratio(&format!("direct@{big}"), get("direct pod IP", big));
-    ratio(&format!("direct (fjord node)@{big}"), get("direct, fjord node", big));
-    ratio(&format!("iptables@{big}"), get("iptables (kube-proxy)", big));
-    ratio(&format!("nftables@{big}"), get("nftables (kube-proxy)", big));
-    // sizes are measured minutes apart on a shared machine: direct pod IP in the same phase
-    // shows how much the machine itself drifted between them
-    let (d_big, d_small, fj_small) = (get("direct pod IP", big), get("direct pod IP", small), get("fjord (eBPF)", small));
-    println!(
-        "  drift-corrected fjord@{big} / fjord@{small} = (fjord/direct)@{big} / (fjord/direct)@{small}: CRR p50 {:.3}  RR p50 {:.3}",
-        (fj.p(false, 50.0) / d_big.p(false, 50.0)) / (fj_small.p(false, 50.0) / d_small.p(false, 50.0)),
-        (fj.p(true, 50.0) / d_big.p(true, 50.0)) / (fj_small.p(true, 50.0) / d_small.p(true, 50.0))
-    );
+    }
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!();
@@ -837,14 +925,19 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     );
     if !smoke {
         let t = |ok: bool| if ok { "MET" } else { "MISSED" };
-        let fj1 = get("fjord (eBPF)", small);
         let d = get("direct pod IP", big);
         let ip = get("iptables (kube-proxy)", big);
+        for fjv in [FJ_TC, FJ_SOCK] {
+            let (fj, fj1) = (get(fjv, big), get(fjv, small));
+            println!(
+                "targets, {fjv} (CRR p50): fjord@{big} within 10% of fjord@{small}: {}; within 15% of direct: {}; ≥ 2× better than iptables@{big}: {}",
+                t(fj.p(false, 50.0) <= 1.10 * fj1.p(false, 50.0)),
+                t(fj.p(false, 50.0) <= 1.15 * d.p(false, 50.0)),
+                t(ip.p(false, 50.0) >= 2.0 * fj.p(false, 50.0))
+            );
+        }
         println!(
-            "targets (CRR p50): fjord@{big} within 10% of fjord@{small}: {}; within 15% of direct: {}; ≥ 2× better than iptables@{big}: {}; {nmax} services programmed < 1 s (store → maps, cold agent start): {} (applied through the API in chunks, sum of the agent's syncs: {}); one change < 10 ms (p99): {}; RSS < 100 MiB: {}",
-            t(fj.p(false, 50.0) <= 1.10 * fj1.p(false, 50.0)),
-            t(fj.p(false, 50.0) <= 1.15 * d.p(false, 50.0)),
-            t(ip.p(false, 50.0) >= 2.0 * fj.p(false, 50.0)),
+            "targets: {nmax} services programmed < 1 s (store → maps, cold agent start): {} (applied through the API in chunks, sum of the agent's syncs: {}); one change < 10 ms (p99): {}; RSS < 100 MiB: {}",
             t(restarts.iter().find(|r| r.0.starts_with("cold")).is_some_and(|r| r.2 < 1000.0)),
             t(fj_sync_sum < 1.0),
             t(c99 < 10.0),
