@@ -188,7 +188,8 @@ enum fj_stat {
 	FJ_STAT_AFFINITY = 15,   /* new flows that followed sessionAffinity */
 	FJ_STAT_CT_EXPIRED = 16, /* conntrack entries found expired by the datapath (flow restarted) */
 	FJ_STAT_SOCK_TO_TC = 17, /* pod connect()/sendmsg() left to the veth's tc program (affinity, no backend) */
-	FJ_STAT_MAX = 18,
+	FJ_STAT_GONE = 18,       /* packets to a deleted pod's address answered with TCP RST / ICMP unreachable */
+	FJ_STAT_MAX = 19,
 };
 
 #endif /* FJORD_H */

@@ -224,11 +224,20 @@ static __always_inline int fj_reply_rst(struct __sk_buff *skb)
 	__be16 p = tcp->source;
 	tcp->source = tcp->dest;
 	tcp->dest = p;
-	__u32 seq = bpf_ntohl(tcp->seq);
-	tcp->ack_seq = bpf_htonl(seq + 1);
-	tcp->seq = 0;
+	/* RFC 793: a segment with ACK is reset with its ack number as our sequence number
+	 * (what the peer expects next, so an established socket takes it); one without
+	 * ACK (a SYN) with sequence 0 and an ACK of its sequence number + 1 */
+	if (((__u8 *)tcp)[13] & 0x10) {
+		tcp->seq = tcp->ack_seq;
+		tcp->ack_seq = 0;
+		((__u8 *)tcp)[13] = 0x04; /* RST */
+	} else {
+		__u32 seq = bpf_ntohl(tcp->seq);
+		tcp->ack_seq = bpf_htonl(seq + 1);
+		tcp->seq = 0;
+		((__u8 *)tcp)[13] = 0x14; /* RST | ACK */
+	}
 	((__u8 *)tcp)[12] = (sizeof(struct tcphdr) / 4) << 4; /* data offset 5, no options */
-	((__u8 *)tcp)[13] = 0x14;                              /* RST | ACK */
 	tcp->window = 0;
 	tcp->urg_ptr = 0;
 	tcp->check = 0;
@@ -260,8 +269,9 @@ static __always_inline __u16 fj_csum_fold(__u32 csum)
 	return (__u16)~csum;
 }
 
-/* Answer a UDP datagram to a service without backends with ICMP port
- * unreachable from the VIP, carrying the original IP header + 8 bytes. */
+/* Answer a UDP datagram to a service without backends (or to a deleted pod) with ICMP
+ * port unreachable from the address it was sent to, carrying the original IP header +
+ * 8 bytes. */
 static __always_inline int fj_reply_icmp_unreach(struct __sk_buff *skb)
 {
 	const __u32 orig = sizeof(struct iphdr) + sizeof(struct udphdr); /* quoted bytes */
@@ -626,6 +636,23 @@ err:
 	return TC_ACT_SHOT;
 }
 
+/* A packet to an address of this node's PodCIDR whose pod was deleted: answer it (TCP RST,
+ * ICMP port unreachable for UDP) so the sender's socket fails now, instead of the packet
+ * leaving by the node's default route or vanishing. -1: not such a packet. */
+static __always_inline int fj_to_gone_pod(struct __sk_buff *skb, struct fj_tuple *t, struct fj_config *cfg)
+{
+	if (!cfg->pod_mask || (t->daddr & cfg->pod_mask) != cfg->pod_net)
+		return -1;
+	if (!bpf_map_lookup_elem(&fjord_gone, &t->daddr))
+		return -1;
+	fj_count(FJ_STAT_GONE);
+	if (t->proto == IPPROTO_UDP)
+		return fj_reply_icmp_unreach(skb);
+	if (t->tcp_flags & FJ_TCP_RST)
+		return TC_ACT_SHOT; /* never answer a reset */
+	return fj_reply_rst(skb);
+}
+
 SEC("classifier")
 int fjord_from_pod(struct __sk_buff *skb)
 {
@@ -665,7 +692,9 @@ int fjord_from_pod(struct __sk_buff *skb)
 				fj_count(FJ_STAT_CT_STALE);
 			}
 		}
-		return TC_ACT_OK;
+		/* a deleted pod of this node (e.g. a backend the socket LB connected to) */
+		int g = fj_to_gone_pod(skb, &t, cfg);
+		return g >= 0 ? g : TC_ACT_OK;
 	}
 
 	/* 3. an established service flow (a flow whose service is gone passed above, as
@@ -818,7 +847,11 @@ int fjord_from_net(struct __sk_buff *skb)
 	sk.proto = t.proto;
 	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
 	if (!svc || !(svc->flags & FJ_SVC_F_EXTERNAL)) {
-		/* 5. a flow from outside the cluster straight to a local pod (e.g. NodePort
+		/* 5. a client on another node still sending to a pod of ours that was deleted */
+		int g = fj_to_gone_pod(skb, &t, cfg);
+		if (g >= 0)
+			return g;
+		/* 6. a flow from outside the cluster straight to a local pod (e.g. NodePort
 		 * traffic another node SNATed to us): remember it, so the pod's replies are
 		 * not masqueraded on their way out */
 		if ((cfg->flags & FJ_CFG_F_MASQUERADE) && (t.daddr & cfg->pod_mask) == cfg->pod_net &&

@@ -97,6 +97,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fjord_sock_rn SEC(".maps");
 
+/* Addresses of this node's pods that were deleted (CNI DEL, zombie cleanup) and not yet
+ * given to a new pod -> when (ns). A packet to one is answered with a TCP RST / ICMP port
+ * unreachable instead of vanishing: a connection the socket LB made straight to a
+ * backend that is now gone breaks at once. The oldest are evicted first. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __be32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_gone SEC(".maps");
+
 static __always_inline void fj_count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&fjord_stats, &idx);

@@ -379,3 +379,45 @@ async fn an_agent_killed_with_kill_9_keeps_its_pods_working_and_resyncs_on_resta
     drop((conn, conn2));
     srv.join().unwrap();
 }
+
+/// A client on one node connected straight to a pod on another node (a direct pod IP, or a
+/// backend the socket LB chose): when that pod is deleted, its node answers the client's next
+/// packets (TCP RST, ICMP port unreachable for UDP) instead of letting them vanish, in both
+/// routing modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_deleted_on_another_node_resets_its_connections_native_and_vxlan() {
+    for routing in ["native", "vxlan"] {
+        let c = TestCluster::up_with(2, "etcd", routing).await;
+        let server = pod::add(&c.state, Some("node1"), "default/server", BTreeMap::new()).await.unwrap();
+        let client = pod::add(&c.state, Some("node2"), "default/client", BTreeMap::new()).await.unwrap();
+        wait_routes(&c, 1, 1).await;
+        let (sns, cns) = (pod_netns(&server), pod_netns(&client));
+        let _srv = echo_server(tcp_listen_in(&sns, "0.0.0.0:7300"), 1);
+        let udp_srv = udp_bind_in(&sns, "0.0.0.0:7301");
+        std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            while let Ok((n, from)) = udp_srv.recv_from(&mut b) {
+                let _ = udp_srv.send_to(&b[..n], from);
+            }
+        });
+        let sip = server.ip.unwrap();
+        let mut conn = tcp_connect_in(&cns, SocketAddr::new(sip.into(), 7300)).unwrap();
+        assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before", "{routing}");
+        let u = udp_bind_in(&cns, "0.0.0.0:0");
+        u.connect(SocketAddr::new(sip.into(), 7301)).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        u.send(b"q").unwrap();
+        let mut b = [0u8; 64];
+        assert_eq!(u.recv(&mut b).unwrap(), 1, "{routing}");
+
+        pod::del(&c.state, "default/server").await.unwrap();
+        let err = roundtrip(&mut conn, b"after").expect_err("the server pod is gone");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{routing}: reset at once, not a timeout: {err}");
+        u.send(b"q").unwrap();
+        let err = u.recv(&mut b).expect_err("the server pod is gone");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{routing}: ICMP port unreachable: {err}");
+        let m = c.client_n(0).metrics().await.unwrap();
+        let gone: f64 = m.lines().filter(|l| l.contains("event=\"to_deleted_pod\"")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        assert!(gone >= 2.0, "node1 answered for its deleted pod ({routing}): {gone}");
+    }
+}

@@ -714,3 +714,73 @@ except ConnectionRefusedError:
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Socket LB:") && out.contains(&pods_cg.display().to_string()), "status names the pods cgroup: {out}");
 }
+
+/// With the socket LB a pod's connection goes straight to the backend's address, so when that
+/// backend pod is deleted no conntrack entry knows the flow. The datapath remembers the
+/// node's deleted pod addresses (`fjord_gone`) and answers packets to them: the TCP
+/// connection is reset and the connected UDP socket sees "connection refused" at once,
+/// instead of a silent timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_backend_resets_socket_lb_connections_at_once() {
+    let c = TestCluster::up_opts(1, "embedded", "native", vec![], true).await;
+    let backend = pod::add(&c.state, None, "default/solo1", [("app".to_string(), "solo".to_string())].into()).await.unwrap();
+    let bns = pod_netns(&backend);
+    echo_server(tcp_listen_in(&bns, "0.0.0.0:8080"), 4);
+    udp_name_server(&bns, 5353, "solo1");
+    let client = pod::add(&c.state, None, "default/client", BTreeMap::new()).await.unwrap();
+    c.client()
+        .apply("apiVersion: v1\nkind: Service\nmetadata: {name: solo}\nspec:\n  selector: {app: solo}\n  ports:\n  - {name: t, port: 80, targetPort: 8080}\n  - {name: u, port: 53, protocol: UDP, targetPort: 5353}\n")
+        .await
+        .unwrap();
+    let vip = vip_of(&c.client().services().await.unwrap(), "solo");
+    let cns = pod_netns(&client);
+    eventually(Duration::from_secs(15), || async { tcp_connect_in(&cns, SocketAddr::new(vip.into(), 80)).ok() }).await.expect("solo answers");
+
+    let script = format!(
+        r#"import socket, sys
+s = socket.create_connection(("{vip}", 80), 5); s.settimeout(5)
+s.sendall(b"ping"); print("tcp", s.recv(64).decode(), s.getpeername()[0], flush=True)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5); u.connect(("{vip}", 53))
+u.send(b"q"); print("udp", u.recv(64).decode(), flush=True)
+sys.stdin.readline()
+try:
+    s.sendall(b"again"); print("tcp-after", "data" if s.recv(64) else "eof")
+except ConnectionResetError: print("tcp-after reset")
+except socket.timeout: print("tcp-after timeout")
+try:
+    u.send(b"q"); u.recv(64); print("udp-after answered")
+except ConnectionRefusedError: print("udp-after refused")
+except socket.timeout: print("udp-after timeout")
+"#
+    );
+    let mut child = std::process::Command::new(bin_dir().join("fjordctl"))
+        .arg("--fjord-home")
+        .arg(&c.home.dir)
+        .args(["--cluster", &c.state.name, "pod", "exec", "default/client", "--", "python3", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let line = |out: &mut std::io::BufReader<std::process::ChildStdout>| {
+        let mut l = String::new();
+        std::io::BufRead::read_line(out, &mut l).unwrap();
+        l.trim().to_string()
+    };
+    let backend_ip = backend.ip.unwrap().to_string();
+    assert_eq!(line(&mut out), format!("tcp ping {vip}"), "connected through the service");
+    assert_eq!(line(&mut out), "udp solo1");
+    let before = metric(&c.client().metrics().await.unwrap(), "fjord_datapath_events{event=\"to_deleted_pod\"");
+    pod::del(&c.state, "default/solo1").await.unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(line(&mut out), "tcp-after reset", "the connection to the deleted backend {backend_ip} is reset, not left hanging");
+    assert_eq!(line(&mut out), "udp-after refused", "the connected UDP socket sees ICMP port unreachable");
+    assert!(child.wait().unwrap().success());
+    let after = metric(&c.client().metrics().await.unwrap(), "fjord_datapath_events{event=\"to_deleted_pod\"");
+    assert!(after >= before + 2, "{before} -> {after}");
+
+    // status lists the map with the one deleted address
+    let (code, out) = c.fjordctl(&["status", "--verbose"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().any(|l| l.contains("fjord_gone") && l.contains(" 1/")), "one deleted address remembered: {out}");
+}

@@ -33,6 +33,8 @@ pub struct Agent {
     pub health: Arc<crate::health::HealthView>,
     /// The eBPF service datapath, once loaded (absent with --datapath off or if loading failed).
     pub datapath: std::sync::OnceLock<Arc<Mutex<fjord_datapath::Datapath>>>,
+    /// Addresses of this node's deleted pods in the datapath (set with the datapath).
+    pub gone_ips: std::sync::OnceLock<Arc<fjord_datapath::GoneIps>>,
     /// Why the datapath is not loaded, if it is not.
     pub datapath_error: Mutex<Option<String>>,
     /// Service controller state.
@@ -101,6 +103,7 @@ impl Agent {
             health: Arc::new(crate::health::HealthView::default()),
             datapath: std::sync::OnceLock::new(),
             datapath_error: Mutex::new(None),
+            gone_ips: std::sync::OnceLock::new(),
             services: crate::services::ServiceView::default(),
             addresses: Mutex::new(Vec::new()),
             cni_lock: tokio::sync::Mutex::new(()),
@@ -247,6 +250,12 @@ impl Agent {
             }
         };
         let t_store = t_alloc.elapsed();
+        // the address belongs to a pod again
+        if let Some(g) = self.gone_ips.get() {
+            if let Err(e) = g.clear(att.ip) {
+                warn!(ip = %att.ip, error = %e, "could not clear a reused pod address in the datapath");
+            }
+        }
         let t1 = Instant::now();
         // The datapath attach (two TCX links: each waits for an RCU grace period) runs while
         // the pod end is moved and configured.
@@ -361,6 +370,12 @@ impl Agent {
             Op::delete(keys::attachment(&self.node, &att.container_id, &att.ifname)),
         ]);
         self.store.txn(txn).await.map_err(store_err)?;
+        // packets still sent to the address get a RST / ICMP unreachable from the datapath
+        if let Some(g) = self.gone_ips.get() {
+            if let Err(e) = g.mark(att.ip) {
+                warn!(ip = %att.ip, error = %e, "could not mark a released pod address in the datapath");
+            }
+        }
         let _ = self.used_ips().await;
         let _ = self.attachments().await;
         Ok(())

@@ -408,6 +408,7 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("loading the eBPF datapath (pins in {}); --datapath off runs without Services", pin_dir.display()))?;
         info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded: KubeProxyReplacement OK");
         let dp = Arc::new(std::sync::Mutex::new(dp));
+        let _ = agent.gone_ips.set(dp.lock().unwrap().gone_ips());
         let _ = agent.datapath.set(dp.clone());
         tokio::spawn(conntrack_gc(agent.clone(), dp, args.ct_gc_interval));
     } else {

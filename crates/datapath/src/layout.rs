@@ -317,6 +317,7 @@ mod tests {
         assert_eq!(crate::Stat::IcmpSent as u64, c::FJ_STAT_ICMP_SENT);
         assert_eq!(crate::Stat::CtStale as u64, c::FJ_STAT_CT_STALE);
         assert_eq!(crate::Stat::SockToTc as u64, c::FJ_STAT_SOCK_TO_TC);
+        assert_eq!(crate::Stat::Gone as u64, c::FJ_STAT_GONE);
     }
 
     #[test]

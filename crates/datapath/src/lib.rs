@@ -20,6 +20,7 @@ pub mod layout;
 
 use std::collections::{BTreeMap, HashMap as StdHashMap, HashSet, VecDeque};
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,9 @@ pub const MAP_CONFIG: &str = "fjord_config";
 pub const MAP_STATS: &str = "fjord_stats";
 pub const MAP_SOCK_RN: &str = "fjord_sock_rn";
 pub const MAP_AFFINITY: &str = "fjord_affinity";
+pub const MAP_GONE: &str = "fjord_gone";
+/// `max_entries` of `fjord_gone` (bpf/fjord_maps.h)
+pub const GONE_ENTRIES: u32 = 4096;
 pub const ALL_MAPS: [&str; 9] =
     [MAP_SERVICES, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_CT, MAP_CONFIG, MAP_STATS, MAP_SOCK_RN, MAP_AFFINITY];
 /// Socket-LB programs (cgroup hooks) in BPF_SOCK_OBJECT.
@@ -97,10 +101,11 @@ pub enum Stat {
     Affinity = 15,
     CtExpired = 16,
     SockToTc = 17,
+    Gone = 18,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 18] = [
+    pub const ALL: [Stat; 19] = [
         Stat::Dnat,
         Stat::Revnat,
         Stat::CtNew,
@@ -119,6 +124,7 @@ impl Stat {
         Stat::Affinity,
         Stat::CtExpired,
         Stat::SockToTc,
+        Stat::Gone,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -140,6 +146,7 @@ impl Stat {
             Stat::Affinity => "affinity_hit",
             Stat::CtExpired => "ct_expired",
             Stat::SockToTc => "sock_to_tc",
+            Stat::Gone => "to_deleted_pod",
         }
     }
 }
@@ -461,6 +468,7 @@ pub struct Datapath {
     stats_map: PerCpuArray<MapData, u64>,
     config_map: Array<MapData, Config>,
     affinity_map: HashMap<MapData, AffinityKey, AffinityValue>,
+    gone: Arc<GoneIps>,
     max_tables: u32,
     services: BTreeMap<ServiceKey, SvcState>,
     /// backend address -> (id, number of frontends using it)
@@ -487,6 +495,45 @@ pub struct Datapath {
     sock_cgroups: Vec<PathBuf>,
     /// blank tables made ahead of a bulk install (see [`TableStash`])
     stash: Arc<TableStash>,
+}
+
+/// Addresses of this node's deleted pods (`fjord_gone`): the tc programs answer packets to
+/// them with a TCP RST / ICMP port unreachable, so a connection made straight to a pod that
+/// is gone (socket LB, or a direct pod IP) fails at once instead of hanging. The agent marks
+/// an address when it releases it and clears it when the address is given to a new pod.
+pub struct GoneIps(Mutex<HashMap<MapData, u32, u64>>);
+
+impl GoneIps {
+    pub fn mark(&self, ip: Ipv4Addr) -> Result<()> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64).unwrap_or(0);
+        self.0.lock().unwrap().insert(layout::be_addr(ip), now, 0).map_err(map_err(MAP_GONE, "insert"))
+    }
+
+    /// Clears `ip` (no error if it was not marked).
+    pub fn clear(&self, ip: Ipv4Addr) -> Result<()> {
+        match self.0.lock().unwrap().remove(&layout::be_addr(ip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_GONE, "delete")(e)),
+        }
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.0.lock().unwrap().get(&layout::be_addr(ip), 0).is_ok()
+    }
+
+    pub fn len(&self) -> Result<u32> {
+        let m = self.0.lock().unwrap();
+        let mut n = 0;
+        for k in m.keys() {
+            k.map_err(map_err(MAP_GONE, "iterate keys"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len().map(|n| n == 0).unwrap_or(true)
+    }
 }
 
 /// Blank Maglev tables (not yet in `fjord_maglev`) created ahead of a bulk install by
@@ -630,6 +677,7 @@ impl Datapath {
         let ct_map: HashMap<MapData, CtKey, CtValue> = take(&mut ebpf, MAP_CT)?;
         let stats_map: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_STATS)?;
         let affinity_map: HashMap<MapData, AffinityKey, AffinityValue> = take(&mut ebpf, MAP_AFFINITY)?;
+        let gone = Arc::new(GoneIps(Mutex::new(take(&mut ebpf, MAP_GONE)?)));
         let mut cur = config.get(&0, 0).map_err(map_err(MAP_CONFIG, "read"))?;
         if cur.maglev_size == 0 {
             cur = Config { maglev_size: cfg.maglev_size, max_tables, version: LAYOUT_VERSION, ..Config::default() };
@@ -673,6 +721,7 @@ impl Datapath {
             stats_map,
             config_map: config,
             affinity_map,
+            gone,
             max_tables,
             services: BTreeMap::new(),
             backends: StdHashMap::new(),
@@ -1731,6 +1780,12 @@ impl Datapath {
         Ok(())
     }
 
+    /// The deleted-pod addresses of this node ([`GoneIps`]): a handle of its own, usable
+    /// without holding the datapath (CNI DEL must not wait for a bulk install).
+    pub fn gone_ips(&self) -> Arc<GoneIps> {
+        self.gone.clone()
+    }
+
     /// Cgroups with the socket LB (attached by this process).
     pub fn socket_lb_cgroups(&self) -> &[PathBuf] {
         &self.sock_cgroups
@@ -1814,6 +1869,7 @@ impl Datapath {
             MapStats { name: MAP_MAGLEV, kind: "hash_of_maps", max_entries: self.max_tables, entries: count(self.maglev_map.keys(), MAP_MAGLEV)? },
             MapStats { name: MAP_REVNAT, kind: "hash", max_entries: self.cfg.max_services, entries: count(self.revnat_map.keys(), MAP_REVNAT)? },
             MapStats { name: MAP_CT, kind: "lru_hash", max_entries: self.cfg.ct_entries, entries: count(self.ct_map.keys(), MAP_CT)? },
+            MapStats { name: MAP_GONE, kind: "lru_hash", max_entries: GONE_ENTRIES, entries: self.gone.len()? },
             MapStats {
                 name: MAP_AFFINITY,
                 kind: "lru_hash",
