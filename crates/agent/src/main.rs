@@ -408,7 +408,16 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("loading the eBPF datapath (pins in {}); --datapath off runs without Services", pin_dir.display()))?;
         info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded: KubeProxyReplacement OK");
         let dp = Arc::new(std::sync::Mutex::new(dp));
-        let _ = agent.gone_ips.set(dp.lock().unwrap().gone_ips());
+        let gone = dp.lock().unwrap().gone_ips();
+        // an address in use by a pod is never "gone" (e.g. marked by an older agent whose
+        // record of the reuse was lost)
+        for att in agent.attachments().await.unwrap_or_default() {
+            if gone.contains(att.ip) {
+                warn!(ip = %att.ip, "a pod's address was marked deleted in the datapath; clearing it");
+                gone.clear(att.ip)?;
+            }
+        }
+        let _ = agent.gone_ips.set(gone);
         let _ = agent.datapath.set(dp.clone());
         tokio::spawn(conntrack_gc(agent.clone(), dp, args.ct_gc_interval));
     } else {
