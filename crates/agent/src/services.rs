@@ -550,7 +550,14 @@ async fn sync_local_slices(agent: &Agent, cache: &mut Cache, dirty: &mut Dirty, 
             writes.push((k.clone(), Some(e.clone())));
         }
     }
-    for (k, e) in &cache.slices {
+    // slices that may have to go: all, or (a change of a few services) only theirs — not a
+    // walk over every slice of the cluster per change
+    let candidates: Vec<(&String, &EndpointSlice)> = if everything {
+        cache.slices.iter().collect()
+    } else {
+        dirty.services.iter().filter_map(|id| cache.slices_by_service.get(id)).flatten().filter_map(|k| cache.slices.get_key_value(k)).collect()
+    };
+    for (k, e) in candidates {
         let mine = e.metadata.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_FJORD) && e.metadata.name.ends_with(&suffix);
         if mine && !want.contains_key(k) && slice_owner(e).is_some_and(|o| in_scope(&o)) {
             ops.push(Op::delete(k.clone()));
@@ -597,17 +604,25 @@ struct Book<'a> {
 /// one RCU grace period per chunk.
 const PROGRAM_CHUNK: usize = 512;
 
+/// Frontends translated on the calling thread instead of translation threads.
+const INLINE_TRANSLATE: usize = 8;
+
 /// Services in the store from which a cold start creates tables ahead (`load_cache`).
 const PREFILL_MIN: usize = 256;
 
-/// Translates (Maglev) on up to 2 threads.
+/// Translates (Maglev) on up to 2 threads; a few frontends (a single change) on this one
+/// (starting threads would cost more than the tables: ~90 µs each).
 fn translate_all(lbs: &[fjord_lb::Service], cfg: &LbConfig) -> Vec<(String, Result<Vec<fjord_lb::FrontendEntries>, String>)> {
+    let one = |s: &fjord_lb::Service| (s.name.clone(), fjord_lb::translate(s, cfg).map_err(|e| e.to_string()));
+    if lbs.len() <= INLINE_TRANSLATE {
+        return lbs.iter().map(one).collect();
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 2);
     let per = lbs.len().div_ceil(threads).max(1);
     std::thread::scope(|sc| {
         let hs: Vec<_> = lbs
             .chunks(per)
-            .map(|part| sc.spawn(move || part.iter().map(|s| (s.name.clone(), fjord_lb::translate(s, cfg).map_err(|e| e.to_string()))).collect::<Vec<_>>()))
+            .map(|part| sc.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
             .collect();
         hs.into_iter().flat_map(|h| h.join().expect("translate thread")).collect()
     })
@@ -633,6 +648,13 @@ fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String
         translate_all(&lbs, cfg)
     };
     let translate = &translate;
+    if let [chunk] = chunks.as_slice() {
+        if chunk.len() <= INLINE_TRANSLATE {
+            // a change of a few services: nothing to overlap, no thread to start
+            program_chunk(dp, &mut book, view.services, chunk, translate(chunk), &mut wanted_all)?;
+            return finish(dp, &mut book, full, &wanted_all);
+        }
+    }
     std::thread::scope(|sc| -> anyhow::Result<()> {
         let mut next = chunks.first().map(|c| sc.spawn(move || translate(c)));
         for (k, chunk) in chunks.iter().enumerate() {
@@ -642,6 +664,11 @@ fn program(dp: &mut fjord_datapath::Datapath, cache: &mut Cache, ids: Vec<String
         }
         Ok(())
     })?;
+    finish(dp, &mut book, full, &wanted_all)
+}
+
+/// After a full sync: frontends nobody wants (left from before a restart) are deleted.
+fn finish(dp: &mut fjord_datapath::Datapath, book: &mut Book, full: bool, wanted_all: &HashSet<fjord_lb::ServiceKey>) -> anyhow::Result<()> {
     if full {
         let stale: Vec<fjord_lb::ServiceKey> = dp.services().into_iter().filter(|k| !wanted_all.contains(k)).collect();
         for k in &stale {
@@ -744,17 +771,30 @@ async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, 
     let dp_for_maintain = dp.clone();
     let full = dirty.all;
     let (node_name, addresses) = (agent.node.clone(), agent.node_addresses());
-    // the cache moves into the blocking task and back (map updates block on the kernel)
-    let mut owned = std::mem::take(cache);
-    let (back, r) = tokio::task::spawn_blocking(move || {
-        let r = {
-            let mut dp = dp.lock().unwrap();
-            program(&mut dp, &mut owned, ids, full, &LocalNode { name: &node_name, addresses: &addresses })
-        };
-        (owned, r)
-    })
-    .await?;
-    *cache = back;
+    let t_prog = Instant::now();
+    // A change of a few services (~0.3 ms of map writes) runs right here when the datapath is
+    // free: handing it to a blocking thread and back costs more (and up to ms when the cores
+    // are busy). Larger syncs, or a datapath busy with upkeep, go to a blocking thread.
+    let mut inline = None;
+    if !full && n <= INLINE_TRANSLATE {
+        if let Ok(mut g) = dp.try_lock() {
+            inline = Some(program(&mut g, cache, ids.clone(), full, &LocalNode { name: &node_name, addresses: &addresses }));
+        }
+    }
+    let (r, path) = if let Some(r) = inline {
+        (r, "inline")
+    } else {
+        // the cache moves into the blocking task and back (map updates block on the kernel)
+        let mut owned = std::mem::take(cache);
+        let (back, r) = tokio::task::spawn_blocking(move || {
+            let r = program(&mut dp.lock().unwrap(), &mut owned, ids, full, &LocalNode { name: &node_name, addresses: &addresses });
+            (owned, r)
+        })
+        .await?;
+        *cache = back;
+        (r, "blocking thread")
+    };
+    let t_prog = t_prog.elapsed();
     r?;
     let (nfe, nbe) = (cache.frontends, cache.backends);
     let took = seen.elapsed();
@@ -776,6 +816,8 @@ async fn sync(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapath>>>, 
         full,
         ms = took.as_secs_f64() * 1000.0,
         endpoint_controller_ms = t_slices.as_secs_f64() * 1000.0,
+        program_ms = t_prog.as_secs_f64() * 1000.0,
+        program_on = path,
         "services synced"
     );
     // after the change is in the maps: spare-table upkeep (waits one RCU grace period, so
