@@ -23,8 +23,8 @@
 //! * fjord has two rows: "fjord (eBPF tc)", a client pod whose connections are translated
 //!   per packet by the tc programs at its veth, and "fjord (socket LB)", a client pod whose
 //!   process is in the node's pods cgroup (`cluster up --socket-lb-pods`), so connect()
-//!   goes straight to the backend (that client runs in a child process: cgroups are per
-//!   process).
+//!   goes straight to the backend. Every row's client runs in a child process of its own (the
+//!   bench binary again; cgroups are per process), so all rows are measured alike.
 //! * client: the same code for every variant, in the client's namespace: TCP_CRR
 //!   (connect + 32-byte request/response + close) and TCP_RR (32-byte request/response on
 //!   16 kept connections), the target service picked at random per connection. Every size's
@@ -481,14 +481,25 @@ fn measure(ns: &Path, t: &Targets, crr: usize, rr: usize, seed: u64) -> Lat {
     .unwrap()
 }
 
-/// [`measure`] in a child process (this bench binary again, `FJBN_CHILD=1`) that first joins
-/// the cgroup `cg`: cgroup membership is per process, and only the socket-LB variant's client
-/// may be in the pods cgroup (the other variants' clients are threads of this process).
-fn measure_in_cgroup(cg: &Path, ns: &Path, t: &Targets, crr: usize, rr: usize, seed: u64) -> Lat {
-    let Targets::Vip(v) = t else { panic!("the socket-LB variant connects to VIPs") };
-    let mut input = format!("{}\n{}\n{crr} {rr} {seed}\n", cg.display(), ns.display());
-    for a in v {
-        input.push_str(&format!("{a}\n"));
+/// [`measure`] in a child process (this bench binary again, `FJBN_CHILD=1`), which first joins
+/// the cgroup `cg` if given: cgroup membership is per process, and only the socket-LB variant's
+/// client may be in the pods cgroup. Every variant's client runs this way, so all rows are
+/// measured from the same kind of process.
+fn measure_in_child(cg: Option<&Path>, ns: &Path, t: &Targets, crr: usize, rr: usize, seed: u64) -> Lat {
+    let cg = cg.map(|c| c.display().to_string()).unwrap_or_else(|| "-".into());
+    let mut input = format!("{cg}\n{}\n{crr} {rr} {seed}\n", ns.display());
+    match t {
+        Targets::Vip(v) => {
+            for a in v {
+                input.push_str(&format!("{a}\n"));
+            }
+        }
+        Targets::Direct(v) => {
+            for set in v {
+                let s: Vec<String> = set.iter().map(|a| a.to_string()).collect();
+                input.push_str(&format!("d {}\n", s.join(" ")));
+            }
+        }
     }
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env("FJBN_CHILD", "1")
@@ -498,7 +509,7 @@ fn measure_in_cgroup(cg: &Path, ns: &Path, t: &Targets, crr: usize, rr: usize, s
         .expect("spawn the socket-LB client");
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "socket-LB client failed");
+    assert!(out.status.success(), "client process failed");
     let mut lat = Lat::default();
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         match l.split_once(' ') {
@@ -511,15 +522,22 @@ fn measure_in_cgroup(cg: &Path, ns: &Path, t: &Targets, crr: usize, rr: usize, s
     lat
 }
 
-/// The child side of [`measure_in_cgroup`].
+/// The child side of [`measure_in_child`].
 fn child_main() {
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input).unwrap();
     let mut lines = input.lines();
     let (cg, ns) = (lines.next().unwrap(), lines.next().unwrap());
     let p: Vec<u64> = lines.next().unwrap().split(' ').map(|x| x.parse().unwrap()).collect();
-    let targets = Targets::Vip(lines.map(|l| l.parse().unwrap()).collect());
-    std::fs::write(Path::new(cg).join("cgroup.procs"), std::process::id().to_string()).expect("join the pods cgroup");
+    let lines: Vec<&str> = lines.collect();
+    let targets = if lines.first().is_some_and(|l| l.starts_with("d ")) {
+        Targets::Direct(lines.iter().map(|l| l[2..].split(' ').map(|a| a.parse().unwrap()).collect()).collect())
+    } else {
+        Targets::Vip(lines.iter().map(|l| l.parse().unwrap()).collect())
+    };
+    if cg != "-" {
+        std::fs::write(Path::new(cg).join("cgroup.procs"), std::process::id().to_string()).expect("join the pods cgroup");
+    }
     let lat = measure(Path::new(ns), &targets, p[0] as usize, p[1] as usize, p[2]);
     let mut o = String::new();
     for x in &lat.crr {
@@ -816,11 +834,8 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
                 let v = (k + r) % variants.len();
                 seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                 let (_, ns, targets, in_cg) = &variants[v];
-                let l = if *in_cg {
-                    measure_in_cgroup(&pods_cg, ns, targets, crr.div_ceil(ROUNDS), rr.div_ceil(ROUNDS), seed)
-                } else {
-                    measure(ns, targets, crr.div_ceil(ROUNDS), rr.div_ceil(ROUNDS), seed)
-                };
+                let cg = in_cg.then_some(pods_cg.as_path());
+                let l = measure_in_child(cg, ns, targets, crr.div_ceil(ROUNDS), rr.div_ceil(ROUNDS), seed);
                 lats[v].crr.extend(l.crr);
                 lats[v].rr.extend(l.rr);
                 lats[v].errors += l.errors;
