@@ -160,6 +160,9 @@ struct fj_config {
 
 #define FJ_LAYOUT_VERSION 4
 
+/* fjord_backend_ports: 32-bit words of port bits (65,536 ports) */
+#define FJ_PORT_WORDS 2048
+
 /* A Maglev table is stored as chunks of FJ_MAGLEV_CHUNK slots (4 KiB values): one
  * batch update writes a whole table, and slots are 4 bytes each (an ARRAY of __u32
  * would pad every slot to 8). */

@@ -664,20 +664,25 @@ int fjord_from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	__u64 now = bpf_ktime_get_ns();
 
-	/* 1. the pod answers as the backend of a service flow */
+	/* 1. the pod answers as the backend of a service flow (only a backend port can) */
 	struct fj_ct_key ck;
 	fj_ct_key_of(&ck, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
-	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &ck);
-	if (ct)
-		return fj_do_reply(skb, &t, ct, cfg, now, 0);
+	if (fj_is_backend_port(t.sport)) {
+		struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &ck);
+		if (ct)
+			return fj_do_reply(skb, &t, ct, cfg, now, 0);
+	}
 
 	/* 2. to a service address? (the small services map before the big conntrack map:
-	 * most pod traffic goes to pods and needs no second conntrack lookup) */
+	 * most pod traffic goes to pods and needs no second conntrack lookup; a pod address
+	 * is never a frontend, so traffic to the cluster CIDR needs no lookup at all) */
 	struct fj_svc_key sk = {};
 	sk.vip = t.daddr;
 	sk.port = t.dport;
 	sk.proto = t.proto;
-	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
+	struct fj_svc_value *svc = 0;
+	if (!cfg->cluster_mask || (t.daddr & cfg->cluster_mask) != cfg->cluster_net)
+		svc = bpf_map_lookup_elem(&fjord_services, &sk);
 	if (!svc) {
 		/* Not a service address. If this starts a flow (TCP SYN, any UDP) whose
 		 * replies would match the reply-direction conntrack entry of an old
@@ -722,6 +727,8 @@ int fjord_to_pod(struct __sk_buff *skb)
 	 * to restore). Only packets from elsewhere (the underlay, a tunnel) need the lookup. */
 	if (cfg->pod_mask && (t.saddr & cfg->pod_mask) == cfg->pod_net)
 		return TC_ACT_OK;
+	if (!fj_is_backend_port(t.sport))
+		return TC_ACT_OK; /* not from a backend: no service reply to restore */
 	struct fj_ct_key rk;
 	fj_ct_key_of(&rk, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
 	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &rk);

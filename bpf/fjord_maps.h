@@ -109,6 +109,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fjord_gone SEC(".maps");
 
+/* Ports (host order) some backend listens on: bit (port & 31) of word (port >> 5). A packet
+ * from a pod can only be the reply of a service flow if its source port is a backend port,
+ * so the per-packet reply-direction conntrack lookup is skipped for every other packet
+ * (clients' ephemeral ports, servers that back no service). Set by the agent before a
+ * service entry points at a new backend; cleared when no backend uses the port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FJ_PORT_WORDS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_backend_ports SEC(".maps");
+
+static __always_inline int fj_is_backend_port(__be16 port)
+{
+	__u32 p = bpf_ntohs(port);
+	__u32 w = p >> 5;
+	__u32 *bits = bpf_map_lookup_elem(&fjord_backend_ports, &w);
+	return bits && (*bits & (1u << (p & 31)));
+}
+
 static __always_inline void fj_count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&fjord_stats, &idx);

@@ -318,6 +318,7 @@ mod tests {
         assert_eq!(crate::Stat::CtStale as u64, c::FJ_STAT_CT_STALE);
         assert_eq!(crate::Stat::SockToTc as u64, c::FJ_STAT_SOCK_TO_TC);
         assert_eq!(crate::Stat::Gone as u64, c::FJ_STAT_GONE);
+        assert_eq!(crate::FJ_PORT_WORDS as u64, c::FJ_PORT_WORDS);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub const MAP_STATS: &str = "fjord_stats";
 pub const MAP_SOCK_RN: &str = "fjord_sock_rn";
 pub const MAP_AFFINITY: &str = "fjord_affinity";
 pub const MAP_GONE: &str = "fjord_gone";
+pub const MAP_BACKEND_PORTS: &str = "fjord_backend_ports";
+/// Words of `fjord_backend_ports` (`FJ_PORT_WORDS`: 65,536 port bits)
+const FJ_PORT_WORDS: u32 = 2048;
 /// `max_entries` of `fjord_gone` (bpf/fjord_maps.h)
 pub const GONE_ENTRIES: u32 = 4096;
 pub const ALL_MAPS: [&str; 9] =
@@ -469,6 +472,11 @@ pub struct Datapath {
     config_map: Array<MapData, Config>,
     affinity_map: HashMap<MapData, AffinityKey, AffinityValue>,
     gone: Arc<GoneIps>,
+    /// `fjord_backend_ports` and how many backend entries use each port
+    backend_ports_map: Array<MapData, u32>,
+    port_refs: StdHashMap<u16, u32>,
+    /// backend id → address (the reverse of `backends`)
+    backend_addrs: StdHashMap<u32, BackendAddr>,
     max_tables: u32,
     services: BTreeMap<ServiceKey, SvcState>,
     /// backend address -> (id, number of frontends using it)
@@ -678,6 +686,7 @@ impl Datapath {
         let stats_map: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_STATS)?;
         let affinity_map: HashMap<MapData, AffinityKey, AffinityValue> = take(&mut ebpf, MAP_AFFINITY)?;
         let gone = Arc::new(GoneIps(Mutex::new(take(&mut ebpf, MAP_GONE)?)));
+        let backend_ports_map: Array<MapData, u32> = take(&mut ebpf, MAP_BACKEND_PORTS)?;
         let mut cur = config.get(&0, 0).map_err(map_err(MAP_CONFIG, "read"))?;
         if cur.maglev_size == 0 {
             cur = Config { maglev_size: cfg.maglev_size, max_tables, version: LAYOUT_VERSION, ..Config::default() };
@@ -722,6 +731,9 @@ impl Datapath {
             config_map: config,
             affinity_map,
             gone,
+            backend_ports_map,
+            port_refs: StdHashMap::new(),
+            backend_addrs: StdHashMap::new(),
             max_tables,
             services: BTreeMap::new(),
             backends: StdHashMap::new(),
@@ -812,6 +824,7 @@ impl Datapath {
             match used_backends.get(&id) {
                 Some(&refs) => {
                     self.backends.insert(addr, (id, refs));
+                    self.backend_added(addr, id)?;
                 }
                 None => {
                     debug!(id, backend = %addr, "removing unused backend entry");
@@ -819,6 +832,14 @@ impl Datapath {
                 }
             }
             self.next_backend_id = self.next_backend_id.max(id + 1);
+        }
+        // ports whose backends went away while no agent ran: not backend ports any more
+        for w in 0..FJ_PORT_WORDS {
+            let cur = self.backend_ports_map.get(&w, 0).map_err(map_err(MAP_BACKEND_PORTS, "read"))?;
+            let want = (0..32u32).filter(|b| self.port_refs.contains_key(&((w * 32 + b) as u16))).fold(0u32, |m, b| m | 1 << b);
+            if cur != want {
+                self.backend_ports_map.set(w, want, 0).map_err(map_err(MAP_BACKEND_PORTS, "write"))?;
+            }
         }
         let ids: HashSet<u32> = self.services.values().map(|s| s.service_id).collect();
         let mut stale = Vec::new();
@@ -1074,6 +1095,11 @@ impl Datapath {
                 self.next_backend_id += 1;
             }
             self.backends.insert(*a, (id, 0));
+            if let Err(e) = self.backend_added(*a, id) {
+                p.added.push((*a, id));
+                self.abort(p);
+                return Err(e);
+            }
             p.added.push((*a, id));
         }
         p.index_ids = fe.backends.iter().map(|a| self.backends[a].0).collect();
@@ -1371,6 +1397,7 @@ impl Datapath {
         for (a, id) in p.added.iter().rev() {
             let _ = self.backends_map.remove(id);
             self.backends.remove(a);
+            let _ = self.backend_removed(*a, *id);
             self.free_backend_ids.push_front(*id);
         }
         if p.existing.is_none() {
@@ -1475,18 +1502,68 @@ impl Datapath {
             let md = self.maglev_map.get(&old.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get old table {}", old.table_id)))?;
             self.pool_dirty.push((old.table_id, md));
         }
-        let rev: StdHashMap<u32, BackendAddr> = self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
         for id in &old.backend_ids {
-            let Some(addr) = rev.get(id) else { continue };
-            let e = self.backends.get_mut(addr).expect("present");
+            let Some(addr) = self.backend_addrs.get(id).copied() else { continue };
+            let e = self.backends.get_mut(&addr).expect("present");
             e.1 -= 1;
             if e.1 == 0 {
-                self.backends.remove(addr);
+                self.backends.remove(&addr);
                 self.backends_map.remove(id).map_err(map_err(MAP_BACKENDS, format!("remove backend {addr}")))?;
+                self.backend_removed(addr, *id)?;
                 self.free_backend_ids.push_back(*id);
             }
         }
         Ok(())
+    }
+
+    /// Bookkeeping of a backend entry that now exists: its port is a backend port (set in
+    /// `fjord_backend_ports` before any service entry can point at the backend).
+    fn backend_added(&mut self, a: BackendAddr, id: u32) -> Result<()> {
+        self.backend_addrs.insert(id, a);
+        let n = self.port_refs.entry(a.port).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.set_port_bit(a.port, true)?;
+        }
+        Ok(())
+    }
+
+    /// ... and one that is gone: the port stops being a backend port with its last backend.
+    fn backend_removed(&mut self, a: BackendAddr, id: u32) -> Result<()> {
+        self.backend_addrs.remove(&id);
+        if let Some(n) = self.port_refs.get_mut(&a.port) {
+            *n -= 1;
+            if *n == 0 {
+                self.port_refs.remove(&a.port);
+                self.set_port_bit(a.port, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_port_bit(&mut self, port: u16, on: bool) -> Result<()> {
+        let w = port as u32 >> 5;
+        let bit = 1u32 << (port & 31);
+        let cur = self.backend_ports_map.get(&w, 0).map_err(map_err(MAP_BACKEND_PORTS, "read"))?;
+        let new = if on { cur | bit } else { cur & !bit };
+        if new != cur {
+            self.backend_ports_map.set(w, new, 0).map_err(map_err(MAP_BACKEND_PORTS, "write"))?;
+        }
+        Ok(())
+    }
+
+    /// Ports (host order) some backend entry uses, from `fjord_backend_ports` (tests, status).
+    pub fn backend_ports(&self) -> Result<Vec<u16>> {
+        let mut v = Vec::new();
+        for w in 0..FJ_PORT_WORDS {
+            let bits = self.backend_ports_map.get(&w, 0).map_err(map_err(MAP_BACKEND_PORTS, "read"))?;
+            for b in 0..32 {
+                if bits & (1 << b) != 0 {
+                    v.push((w * 32 + b) as u16);
+                }
+            }
+        }
+        Ok(v)
     }
 
     /// Removes a frontend: new connections to it stop being translated; its

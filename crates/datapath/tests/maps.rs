@@ -272,3 +272,43 @@ fn a_bulk_install_takes_blank_tables_from_the_stash() {
     dp.upsert_many(std::slice::from_ref(&more)).unwrap();
     assert_eq!(dp.maglev_table(&more.key).unwrap(), vec![more.backends[0]; 251]);
 }
+
+fn svc_port(name: &str, vip: [u8; 4], backends: &[([u8; 4], u16)], m: u32) -> FrontendEntries {
+    let s = Service {
+        name: name.into(),
+        frontends: vec![Frontend {
+            vip: Ipv4Addr::from(vip),
+            port: 80,
+            protocol: Protocol::Tcp,
+            backends: backends.iter().map(|(b, p)| Backend::ready(Ipv4Addr::from(*b), *p)).collect(),
+            options: Default::default(),
+        }],
+    };
+    translate(&s, &LbConfig { maglev_size: m, ..LbConfig::default() }).unwrap().remove(0)
+}
+
+/// `fjord_backend_ports` (the gate of the per-packet reply lookup) holds exactly the ports of
+/// the backend entries: set with the first backend on a port, kept while another backend
+/// uses it, cleared with the last; rebuilt from the maps by a reload.
+#[test]
+fn backend_ports_follow_the_backend_entries() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let cfg = DatapathConfig { maglev_size: 251, max_services: 8, max_backends: 16, ct_entries: 1024, table_pool: 0, ..pins.config() };
+    let mut dp = Datapath::load(cfg.clone()).expect("load");
+    assert_eq!(dp.backend_ports().unwrap(), Vec::<u16>::new());
+    let a = svc_port("default/a", [10, 96, 0, 1], &[([10, 244, 1, 5], 8080), ([10, 244, 1, 6], 9090)], 251);
+    let b = svc_port("default/b", [10, 96, 0, 2], &[([10, 244, 1, 7], 8080), ([10, 244, 1, 8], 53)], 251);
+    dp.upsert_many(&[a.clone(), b.clone()]).unwrap();
+    assert_eq!(dp.backend_ports().unwrap(), vec![53, 8080, 9090]);
+    dp.delete(&a.key).unwrap();
+    assert_eq!(dp.backend_ports().unwrap(), vec![53, 8080], "8080 still used by b; 9090 gone with a");
+    // b drops its port-53 backend
+    let b2 = svc_port("default/b", [10, 96, 0, 2], &[([10, 244, 1, 7], 8080)], 251);
+    dp.upsert_many(&[b2]).unwrap();
+    assert_eq!(dp.backend_ports().unwrap(), vec![8080]);
+    // a reload (agent restart) recomputes the bits from the backend entries
+    drop(dp);
+    let dp = Datapath::load(cfg).expect("reload");
+    assert_eq!(dp.backend_ports().unwrap(), vec![8080]);
+}
