@@ -362,11 +362,9 @@ async fn accept_loop(inner: Arc<Inner>, l: TcpListener, port: u16, mut stop: wat
         inner.metrics.active_connections.inc();
         let guard = ConnGuard(inner.clone());
         let inner2 = inner.clone();
-        // the connection's future lives in its own box: the task then holds a pointer, and
-        // spawning and completing it copy a few bytes instead of the whole future (kilobytes)
         tokio::spawn(async move {
             let _guard = guard;
-            Box::pin(serve_conn(inner2, tcp, peer, port)).await;
+            serve_conn(inner2, tcp, peer, port).await;
         });
     }
 }
