@@ -689,7 +689,8 @@ int fjord_from_pod(struct __sk_buff *skb)
 		 * service flow with the same tuple (client port reused for a direct
 		 * connection to the backend), drop that stale entry so the replies
 		 * are not reverse-NATed to the VIP. */
-		if (t.proto == IPPROTO_UDP || fj_is_syn(&t)) {
+		if ((t.proto == IPPROTO_UDP || fj_is_syn(&t)) && fj_is_backend_port(t.dport)) {
+			/* (only a flow to a backend port can have such an entry) */
 			struct fj_ct_key stale;
 			fj_ct_key_of(&stale, t.daddr, t.saddr, t.dport, t.sport, t.proto, FJ_CT_DIR_REPLY);
 			if (bpf_map_lookup_elem(&fjord_ct, &stale)) {
