@@ -26,7 +26,7 @@
  *   fjord_config    ARRAY[1]    __u32 0       -> fj_config      maglev_size etc., written by the loader
  *   fjord_stats     PERCPU_ARRAY __u32 FJ_STAT_* -> __u64       datapath counters
  *   fjord_affinity  LRU_HASH    fj_affinity_key -> fj_affinity_value  sessionAffinity ClientIP
- *   fjord_sock_rn   LRU_HASH    __u64 socket cookie -> fj_sock_revnat  socket-LB: the service a
+ *   fjord_sock_rn   SK_STORAGE  per socket -> fj_sock_revnat           socket-LB: the service a
  *                               socket was connected to (restored by getpeername/recvmsg)
  */
 #ifndef FJORD_H

@@ -89,10 +89,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fjord_stats SEC(".maps");
 
+/* The service a socket-LB socket was connected to, in the socket's own storage: created
+ * by connect4/sendmsg4, freed with the socket (no table to fill up, nothing to evict). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64); /* socket cookie */
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct fj_sock_revnat);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fjord_sock_rn SEC(".maps");

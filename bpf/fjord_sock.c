@@ -66,12 +66,16 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 		fj_count(FJ_STAT_ERROR);
 		return 1;
 	}
-	struct fj_sock_revnat rn = {};
-	rn.vip = sk.vip;
-	rn.port = sk.port;
-	rn.backend_ip = be->ip;
-	rn.backend_port = be->port;
-	bpf_map_update_elem(&fjord_sock_rn, &cookie, &rn, BPF_ANY);
+	struct bpf_sock *s = ctx->sk;
+	if (s) {
+		struct fj_sock_revnat *rn = bpf_sk_storage_get(&fjord_sock_rn, s, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (rn) {
+			rn->vip = sk.vip;
+			rn->port = sk.port;
+			rn->backend_ip = be->ip;
+			rn->backend_port = be->port;
+		}
+	}
 	ctx->user_ip4 = be->ip;
 	ctx->user_port = (__u32)be->port;
 	fj_count(FJ_STAT_SOCK_LB);
@@ -80,8 +84,10 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 
 static __always_inline void fj_sock_restore(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct fj_sock_revnat *rn = bpf_map_lookup_elem(&fjord_sock_rn, &cookie);
+	struct bpf_sock *s = ctx->sk;
+	if (!s)
+		return;
+	struct fj_sock_revnat *rn = bpf_sk_storage_get(&fjord_sock_rn, s, 0, 0);
 	if (rn && ctx->user_ip4 == rn->backend_ip && (__be16)ctx->user_port == rn->backend_port) {
 		ctx->user_ip4 = rn->vip;
 		ctx->user_port = (__u32)rn->port;

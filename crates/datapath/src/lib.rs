@@ -612,7 +612,6 @@ fn loader(cfg: &DatapathConfig) -> EbpfLoader<'static> {
         .map_max_entries(MAP_MAGLEV, cfg.max_services + SPARE_TABLES + cfg.table_pool)
         .map_max_entries(MAP_BACKENDS, cfg.max_backends)
         .map_max_entries(MAP_CT, cfg.ct_entries)
-        .map_max_entries(MAP_SOCK_RN, cfg.ct_entries / 2)
         .map_max_entries(MAP_AFFINITY, (cfg.ct_entries / 4).max(1024));
     l
 }
