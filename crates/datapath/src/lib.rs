@@ -2221,6 +2221,21 @@ fn pinned_max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
     md.info().map(|i| i.max_entries()).map_err(map_err(name, "read map info"))
 }
 
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+): what
+/// `bpf_get_netns_cookie()` returns for sockets of that namespace.
+pub fn own_netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("127.0.0.1:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie/len are valid for the size passed
+    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, &mut cookie as *mut u64 as *mut libc::c_void, &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2276,19 +2291,4 @@ mod tests {
             assert!(sock.maps.contains_key(m), "map {m} missing from the socket-LB object");
         }
     }
-}
-
-/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+): what
-/// `bpf_get_netns_cookie()` returns for sockets of that namespace.
-pub fn own_netns_cookie() -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("127.0.0.1:0"))?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie/len are valid for the size passed
-    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, 71 /* SO_NETNS_COOKIE */, &mut cookie as *mut u64 as *mut libc::c_void, &mut len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
