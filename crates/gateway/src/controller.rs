@@ -166,11 +166,23 @@ pub struct Controller {
     status_writes: Arc<std::sync::atomic::AtomicU64>,
     /// (identity, lease TTL) under which this instance registers its address.
     instance: Option<(String, Duration)>,
+    /// This instance's listener ports that could not be bound, published in its instance
+    /// record, so the status writer reports them even when it is another instance.
+    own_unavailable: Arc<tokio::sync::watch::Sender<BTreeMap<u16, String>>>,
 }
 
 impl Controller {
     pub fn new(store: Arc<dyn Store>, gw: Gateway, address: IpAddr) -> Self {
-        Controller { store, gw, address, synced: Default::default(), leadership: None, status_writes: Default::default(), instance: None }
+        Controller {
+            store,
+            gw,
+            address,
+            synced: Default::default(),
+            leadership: None,
+            status_writes: Default::default(),
+            instance: None,
+            own_unavailable: Arc::new(tokio::sync::watch::channel(BTreeMap::new()).0),
+        }
     }
 
     /// Write status only while `leadership` leads (see [`crate::leader`]); without this the
@@ -217,15 +229,32 @@ impl Controller {
                 }
             }
         };
-        let status = mark_unavailable(status, &snap.objects, &unavailable);
+        self.own_unavailable.send_if_modified(|m| {
+            let changed = *m != unavailable;
+            *m = unavailable.clone();
+            changed
+        });
+        // every instance's unbindable ports (from their records; this one's as just found)
+        let mut all_unavailable = unavailable.clone();
         let mut addresses = vec![self.address];
-        if self.instance.is_some() {
+        if let Some((me, _)) = &self.instance {
             for kv in self.store.list(INSTANCES_PREFIX).await?.kvs {
-                if let Some(a) = serde_json::from_slice::<serde_json::Value>(&kv.value).ok().and_then(|v| v["address"].as_str()?.parse().ok()) {
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&kv.value) else { continue };
+                if let Some(a) = v["address"].as_str().and_then(|a| a.parse().ok()) {
                     addresses.push(a);
+                }
+                let id = v["identity"].as_str().unwrap_or("?");
+                if id == me.as_str() {
+                    continue;
+                }
+                for (port, err) in v["unavailablePorts"].as_object().into_iter().flatten() {
+                    if let (Ok(port), Some(err)) = (port.parse::<u16>(), err.as_str()) {
+                        all_unavailable.entry(port).or_insert_with(|| format!("on gateway instance {id}: {err}"));
+                    }
                 }
             }
         }
+        let status = mark_unavailable(status, &snap.objects, &all_unavailable);
         addresses.sort();
         addresses.dedup();
         let status_writes = match &self.leadership {
@@ -307,7 +336,7 @@ impl Controller {
     /// compaction) are retried with backoff after a fresh list; the running table keeps serving.
     pub async fn run(self) {
         let _presence = self.instance.clone().map(|(identity, ttl)| {
-            AbortOnDrop(tokio::spawn(register_instance(self.store.clone(), identity, self.address, ttl)))
+            AbortOnDrop(tokio::spawn(register_instance(self.store.clone(), identity, self.address, ttl, self.own_unavailable.subscribe())))
         });
         let mut backoff = Duration::from_millis(100);
         let mut lead = self.leadership.clone();
@@ -360,18 +389,32 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Keep `INSTANCES_PREFIX<identity>` → `{"identity", "address"}` in the store under a lease
+/// Keep `INSTANCES_PREFIX<identity>` → `{"identity", "address", "unavailablePorts"}` (port →
+/// why this instance could not bind it; rewritten when that changes) in the store under a lease
 /// of `ttl`, renewed every ttl/3; re-registered if the lease is lost.
-async fn register_instance(store: Arc<dyn Store>, identity: String, address: IpAddr, ttl: Duration) {
+async fn register_instance(store: Arc<dyn Store>, identity: String, address: IpAddr, ttl: Duration, mut unavailable: tokio::sync::watch::Receiver<BTreeMap<u16, String>>) {
     let key = format!("{INSTANCES_PREFIX}{identity}");
-    let value = serde_json::to_vec(&serde_json::json!({ "identity": identity, "address": address.to_string() })).expect("JSON");
+    let value = |u: &BTreeMap<u16, String>| {
+        serde_json::to_vec(&serde_json::json!({ "identity": identity, "address": address.to_string(), "unavailablePorts": u })).expect("JSON")
+    };
     loop {
         let r: anyhow::Result<()> = async {
             let lease = store.grant_lease(ttl).await?;
-            store.put(&key, value.clone(), Some(lease)).await?;
+            let v = value(&unavailable.borrow_and_update());
+            store.put(&key, v, Some(lease)).await?;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + ttl / 3, ttl / 3);
             loop {
-                tokio::time::sleep(ttl / 3).await;
-                store.keep_alive(lease).await?;
+                tokio::select! {
+                    _ = tick.tick() => store.keep_alive(lease).await?,
+                    r = unavailable.changed() => {
+                        if r.is_err() {
+                            // the controller is gone: keep the record alive until aborted
+                            std::future::pending::<()>().await;
+                        }
+                        let v = value(&unavailable.borrow_and_update());
+                        store.put(&key, v, Some(lease)).await?;
+                    }
+                }
             }
         }
         .await;
@@ -668,6 +711,66 @@ endpoints:
         assert_eq!(who_at(SocketAddr::new(other_ip, gw_port)).await.as_deref(), Some("one"));
         other_elector.resign().await;
         other_gw.shutdown(Duration::from_millis(100)).await;
+    }
+
+    /// A listener port that one instance cannot bind (taken by another program on its address)
+    /// while the status writer can: the writer reports it from that instance's record
+    /// (`Accepted=False/PortUnavailable`, naming the instance), and clears it once the
+    /// instance binds the port on its retry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_port_unavailable_on_a_non_writer_instance_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fjord_store::open(&format!("embedded:{}", dir.path().join("s.redb").display())).await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_port = l.local_addr().unwrap().port();
+        tokio::spawn(crate::echo::serve_echo(l, crate::echo::EchoOptions { pod: "one".into(), namespace: "app".into() }, std::future::pending::<()>()));
+        let gw_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let gw_yaml = GW.replace("18001", &gw_port.to_string()).replace("  - {name: b, port: 18002, protocol: HTTP}\n", "");
+        put_manifests(store.clone(), format!("{}---\n{gw_yaml}---\n{}", svc_with_endpoint("one", echo_port), route_to("r", "one"))).await;
+        // another program holds the port on node-b's address
+        let squatter = std::net::TcpListener::bind(("127.0.0.2", gw_port)).unwrap();
+
+        let ttl = Duration::from_secs(2);
+        let mut keep = vec![];
+        for (id, ip) in [("node-a", "127.0.0.1"), ("node-b", "127.0.0.2")] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let gw = Gateway::new(crate::proxy::GatewayOptions { listen_ip: ip, access_log: false, ..Default::default() });
+            let elector = crate::leader::Elector::spawn(store.clone(), crate::leader::STATUS_LEASE_KEY, id, ttl);
+            let ctl = Controller::new(store.clone(), gw.clone(), ip).with_leadership(elector.leadership()).with_instance(id, ttl);
+            let task = tokio::spawn(ctl.run());
+            if id == "node-a" {
+                // node-a writes the status: it holds the lease before node-b starts
+                let led = until(Duration::from_secs(10), || async {
+                    (crate::leader::holder(store.as_ref(), crate::leader::STATUS_LEASE_KEY).await.ok()??.holder_identity == "node-a").then_some(())
+                })
+                .await;
+                assert!(led.is_some(), "node-a became the status writer");
+            }
+            keep.push((gw, elector, task));
+        }
+        let listener = || async {
+            let kv = store.get(&keys::status("gateways", "app", "gw")).await.ok()??;
+            let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+            let c = v["listeners"][0]["conditions"].as_array()?.iter().find(|c| c["type"] == "Accepted")?.clone();
+            Some((c["status"].as_str()?.to_string(), c["reason"].as_str()?.to_string(), c["message"].as_str()?.to_string()))
+        };
+        let reported = until(Duration::from_secs(10), || async { listener().await.filter(|c| c.1 == "PortUnavailable") }).await;
+        let last = listener().await;
+        let (status, _, message) = reported.unwrap_or_else(|| panic!("node-b's unbindable port is reported: {last:?}"));
+        assert_eq!(status, "False");
+        assert!(message.contains("node-b") && message.contains(&gw_port.to_string()), "{message}");
+        // node-a serves meanwhile
+        assert_eq!(until(Duration::from_secs(10), || who_at(SocketAddr::new("127.0.0.1".parse().unwrap(), gw_port))).await.as_deref(), Some("one"));
+        // the port is freed: node-b binds it on its retry, its record clears, the status follows
+        drop(squatter);
+        let cleared = until(Duration::from_secs(20), || async { listener().await.filter(|c| c.0 == "True") }).await;
+        assert!(cleared.is_some(), "the condition clears once node-b listens: {:?}", listener().await);
+        assert_eq!(until(Duration::from_secs(10), || who_at(SocketAddr::new("127.0.0.2".parse().unwrap(), gw_port))).await.as_deref(), Some("one"));
+        for (gw, elector, task) in keep {
+            elector.resign().await;
+            task.abort();
+            gw.shutdown(Duration::from_millis(100)).await;
+        }
     }
 
     #[test]
