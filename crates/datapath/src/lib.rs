@@ -1946,6 +1946,8 @@ impl Datapath {
             MapStats { name: MAP_REVNAT, kind: "hash", max_entries: self.cfg.max_services, entries: count(self.revnat_map.keys(), MAP_REVNAT)? },
             MapStats { name: MAP_CT, kind: "lru_hash", max_entries: self.cfg.ct_entries, entries: count(self.ct_map.keys(), MAP_CT)? },
             MapStats { name: MAP_GONE, kind: "lru_hash", max_entries: GONE_ENTRIES, entries: self.gone.len()? },
+            // one bit per port: "entries" are the ports some backend uses
+            MapStats { name: MAP_BACKEND_PORTS, kind: "array (port bits)", max_entries: FJ_PORT_WORDS * 32, entries: self.port_refs.len() as u32 },
             MapStats {
                 name: MAP_AFFINITY,
                 kind: "lru_hash",

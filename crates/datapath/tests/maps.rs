@@ -301,6 +301,8 @@ fn backend_ports_follow_the_backend_entries() {
     let b = svc_port("default/b", [10, 96, 0, 2], &[([10, 244, 1, 7], 8080), ([10, 244, 1, 8], 53)], 251);
     dp.upsert_many(&[a.clone(), b.clone()]).unwrap();
     assert_eq!(dp.backend_ports().unwrap(), vec![53, 8080, 9090]);
+    let ports = dp.map_stats().unwrap().into_iter().find(|m| m.name == "fjord_backend_ports").expect("listed by status");
+    assert_eq!((ports.entries, ports.max_entries), (3, 65536));
     dp.delete(&a.key).unwrap();
     assert_eq!(dp.backend_ports().unwrap(), vec![53, 8080], "8080 still used by b; 9090 gone with a");
     // b drops its port-53 backend
