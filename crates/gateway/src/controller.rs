@@ -638,13 +638,9 @@ endpoints:
         }
     }
 
-    /// Two gateway instances on one store (as two agents with `--gateway`, or an agent and
-    /// `fjord-gateway --store`): both serve traffic, exactly one writes status, and it lists
-    /// both instances' addresses. When it stops without resigning (a crash), the other takes
-    /// over after the lease TTL, the dead instance's address leaves `status.addresses`, and the
-    /// status of a route deleted while nobody was writing is removed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn two_instances_one_status_writer_and_take_over() {
+    /// A store holding the GW Gateway with one listener (on a free port, returned), Service
+    /// `one` with a local echo backend, and `extra` manifests.
+    async fn one_listener_store(extra: &[String]) -> (tempfile::TempDir, Arc<dyn Store>, u16) {
         let dir = tempfile::tempdir().unwrap();
         let store = fjord_store::open(&format!("embedded:{}", dir.path().join("s.redb").display())).await.unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -652,17 +648,40 @@ endpoints:
         tokio::spawn(crate::echo::serve_echo(l, crate::echo::EchoOptions { pod: "one".into(), namespace: "app".into() }, std::future::pending::<()>()));
         let gw_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let gw_yaml = GW.replace("18001", &gw_port.to_string()).replace("  - {name: b, port: 18002, protocol: HTTP}\n", "");
-        put_manifests(store.clone(), format!("{}---\n{gw_yaml}---\n{}---\n{}", svc_with_endpoint("one", echo_port), route_to("r", "one"), route_to("doomed", "one"))).await;
+        let mut docs = vec![svc_with_endpoint("one", echo_port), gw_yaml];
+        docs.extend(extra.iter().cloned());
+        put_manifests(store.clone(), docs.join("---\n")).await;
+        (dir, store, gw_port)
+    }
+
+    /// One gateway instance `id` on `ip` with a status-writer elector and an instance record.
+    fn spawn_instance(
+        store: &Arc<dyn Store>,
+        id: &str,
+        ip: IpAddr,
+        ttl: Duration,
+    ) -> (Gateway, crate::leader::Elector, Arc<std::sync::atomic::AtomicU64>, tokio::task::JoinHandle<()>) {
+        let gw = Gateway::new(crate::proxy::GatewayOptions { listen_ip: ip, access_log: false, ..Default::default() });
+        let elector = crate::leader::Elector::spawn(store.clone(), crate::leader::STATUS_LEASE_KEY, id, ttl);
+        let ctl = Controller::new(store.clone(), gw.clone(), ip).with_leadership(elector.leadership()).with_instance(id, ttl);
+        let writes = ctl.status_writes_total();
+        (gw, elector, writes, tokio::spawn(ctl.run()))
+    }
+
+    /// Two gateway instances on one store (as two agents with `--gateway`, or an agent and
+    /// `fjord-gateway --store`): both serve traffic, exactly one writes status, and it lists
+    /// both instances' addresses. When it stops without resigning (a crash), the other takes
+    /// over after the lease TTL, the dead instance's address leaves `status.addresses`, and the
+    /// status of a route deleted while nobody was writing is removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_instances_one_status_writer_and_take_over() {
+        let (_dir, store, gw_port) = one_listener_store(&[route_to("r", "one"), route_to("doomed", "one")]).await;
 
         let ttl = Duration::from_secs(2);
         let mut instances = vec![];
         for (id, ip) in [("node-a", "127.0.0.1"), ("node-b", "127.0.0.2")] {
             let ip: IpAddr = ip.parse().unwrap();
-            let gw = Gateway::new(crate::proxy::GatewayOptions { listen_ip: ip, access_log: false, ..Default::default() });
-            let elector = crate::leader::Elector::spawn(store.clone(), crate::leader::STATUS_LEASE_KEY, id, ttl);
-            let ctl = Controller::new(store.clone(), gw.clone(), ip).with_leadership(elector.leadership()).with_instance(id, ttl);
-            let writes = ctl.status_writes_total();
-            let task = tokio::spawn(ctl.run());
+            let (gw, elector, writes, task) = spawn_instance(&store, id, ip, ttl);
             instances.push((id, ip, gw, elector, writes, task));
         }
         // both serve
@@ -719,25 +738,14 @@ endpoints:
     /// instance binds the port on its retry.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_port_unavailable_on_a_non_writer_instance_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = fjord_store::open(&format!("embedded:{}", dir.path().join("s.redb").display())).await.unwrap();
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let echo_port = l.local_addr().unwrap().port();
-        tokio::spawn(crate::echo::serve_echo(l, crate::echo::EchoOptions { pod: "one".into(), namespace: "app".into() }, std::future::pending::<()>()));
-        let gw_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let gw_yaml = GW.replace("18001", &gw_port.to_string()).replace("  - {name: b, port: 18002, protocol: HTTP}\n", "");
-        put_manifests(store.clone(), format!("{}---\n{gw_yaml}---\n{}", svc_with_endpoint("one", echo_port), route_to("r", "one"))).await;
+        let (_dir, store, gw_port) = one_listener_store(&[route_to("r", "one")]).await;
         // another program holds the port on node-b's address
         let squatter = std::net::TcpListener::bind(("127.0.0.2", gw_port)).unwrap();
 
         let ttl = Duration::from_secs(2);
         let mut keep = vec![];
         for (id, ip) in [("node-a", "127.0.0.1"), ("node-b", "127.0.0.2")] {
-            let ip: IpAddr = ip.parse().unwrap();
-            let gw = Gateway::new(crate::proxy::GatewayOptions { listen_ip: ip, access_log: false, ..Default::default() });
-            let elector = crate::leader::Elector::spawn(store.clone(), crate::leader::STATUS_LEASE_KEY, id, ttl);
-            let ctl = Controller::new(store.clone(), gw.clone(), ip).with_leadership(elector.leadership()).with_instance(id, ttl);
-            let task = tokio::spawn(ctl.run());
+            let (gw, elector, _, task) = spawn_instance(&store, id, ip.parse().unwrap(), ttl);
             if id == "node-a" {
                 // node-a writes the status: it holds the lease before node-b starts
                 let led = until(Duration::from_secs(10), || async {
