@@ -753,10 +753,8 @@ except ConnectionRefusedError: print("udp-after refused")
 except socket.timeout: print("udp-after timeout")
 "#
     );
-    let mut child = std::process::Command::new(bin_dir().join("fjordctl"))
-        .arg("--fjord-home")
-        .arg(&c.home.dir)
-        .args(["--cluster", &c.state.name, "pod", "exec", "default/client", "--", "python3", "-c", &script])
+    let mut child = c
+        .fjordctl_cmd(&["pod", "exec", "default/client", "--", "python3", "-c", &script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -133,15 +133,16 @@ impl TestCluster {
         netns::path(&self.node().netns)
     }
 
+    /// The fjordctl binary, pointed at this cluster, with `args`.
+    pub fn fjordctl_cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(bin_dir().join("fjordctl"));
+        c.arg("--fjord-home").arg(&self.home.dir).args(["--cluster", &self.state.name]).args(args);
+        c
+    }
+
     /// Runs the fjordctl binary against this cluster: (exit code, stdout + stderr).
     pub fn fjordctl(&self, args: &[&str]) -> (i32, String) {
-        let out = std::process::Command::new(bin_dir().join("fjordctl"))
-            .arg("--fjord-home")
-            .arg(&self.home.dir)
-            .args(["--cluster", &self.state.name])
-            .args(args)
-            .output()
-            .expect("run fjordctl");
+        let out = self.fjordctl_cmd(args).output().expect("run fjordctl");
         (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }

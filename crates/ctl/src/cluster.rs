@@ -544,21 +544,23 @@ pub fn list(home: &Home) -> Vec<String> {
 /// Like [`exec_in`], as a host-network process of a node: inside the node's namespace and
 /// its socket-LB cgroup (so ClusterIPs work through the socket-level LB).
 pub fn exec_on_node(node: &NodeState, argv: &[String]) -> Result<i32> {
-    if let Some(cg) = node_cgroup(&node.dir, &node.name).filter(|c| c.exists()) {
-        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining the node's cgroup {}", cg.display()))?;
-    }
+    join_cgroup(node_cgroup(&node.dir, &node.name))?;
     exec_in(&netns::path(&node.netns), argv)
 }
 
 /// Like [`exec_in`], as a process of a pod: inside its network namespace and its node's pods
 /// cgroup (where the socket-level LB serves ClusterIPs with `cluster up --socket-lb-pods`).
 pub fn exec_in_pod(node: &NodeState, ns: &Path, argv: &[String]) -> Result<i32> {
-    if let Some(cg) = pods_cgroup(&node.dir, &node.name).filter(|c| c.exists()) {
-        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining the pods' cgroup {}", cg.display()))?;
-    }
+    join_cgroup(pods_cgroup(&node.dir, &node.name))?;
     exec_in(ns, argv)
+}
+
+/// Moves this process into `cg`, if there is such a cgroup.
+fn join_cgroup(cg: Option<PathBuf>) -> Result<()> {
+    if let Some(cg) = cg.filter(|c| c.exists()) {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).with_context(|| format!("joining cgroup {}", cg.display()))?;
+    }
+    Ok(())
 }
 
 /// Replace this process with a command running inside a namespace (like `ip netns exec`),
