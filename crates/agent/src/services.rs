@@ -604,7 +604,8 @@ struct Book<'a> {
 /// one RCU grace period per chunk.
 const PROGRAM_CHUNK: usize = 512;
 
-/// Frontends translated on the calling thread instead of translation threads.
+/// Up to this many services (a change, in `program`) or frontends (in `translate_all`) are
+/// translated on the calling thread: starting threads would cost more than the tables.
 const INLINE_TRANSLATE: usize = 8;
 
 /// Services in the store from which a cold start creates tables ahead (`load_cache`).

@@ -823,7 +823,7 @@ impl Datapath {
             match used_backends.get(&id) {
                 Some(&refs) => {
                     self.backends.insert(addr, (id, refs));
-                    self.backend_added(addr, id)?;
+                    self.note_backend(addr, id); // the bits are rewritten below
                 }
                 None => {
                     debug!(id, backend = %addr, "removing unused backend entry");
@@ -832,7 +832,8 @@ impl Datapath {
             }
             self.next_backend_id = self.next_backend_id.max(id + 1);
         }
-        // ports whose backends went away while no agent ran: not backend ports any more
+        // the port bits from the recovered backends (also clears ports whose backends went away
+        // while no agent ran)
         for w in 0..FJ_PORT_WORDS {
             let cur = self.backend_ports_map.get(&w, 0).map_err(map_err(MAP_BACKEND_PORTS, "read"))?;
             let want = (0..32u32).filter(|b| self.port_refs.contains_key(&((w * 32 + b) as u16))).fold(0u32, |m, b| m | 1 << b);
@@ -1518,13 +1519,18 @@ impl Datapath {
     /// Bookkeeping of a backend entry that now exists: its port is a backend port (set in
     /// `fjord_backend_ports` before any service entry can point at the backend).
     fn backend_added(&mut self, a: BackendAddr, id: u32) -> Result<()> {
-        self.backend_addrs.insert(id, a);
-        let n = self.port_refs.entry(a.port).or_default();
-        *n += 1;
-        if *n == 1 {
+        if self.note_backend(a, id) {
             self.set_port_bit(a.port, true)?;
         }
         Ok(())
+    }
+
+    /// The in-memory part of [`Self::backend_added`]: true if `a.port` became a backend port.
+    fn note_backend(&mut self, a: BackendAddr, id: u32) -> bool {
+        self.backend_addrs.insert(id, a);
+        let n = self.port_refs.entry(a.port).or_default();
+        *n += 1;
+        *n == 1
     }
 
     /// ... and one that is gone: the port stops being a backend port with its last backend.
