@@ -158,7 +158,7 @@ struct fj_config {
 
 #define FJ_CFG_F_MASQUERADE 1 /* SNAT pod traffic leaving the cluster CIDR through the underlay */
 
-#define FJ_LAYOUT_VERSION 4
+#define FJ_LAYOUT_VERSION 5
 
 /* fjord_backend_ports: 32-bit words of port bits (65,536 ports) */
 #define FJ_PORT_WORDS 2048
@@ -192,7 +192,11 @@ enum fj_stat {
 	FJ_STAT_CT_EXPIRED = 16, /* conntrack entries found expired by the datapath (flow restarted) */
 	FJ_STAT_SOCK_TO_TC = 17, /* pod connect()/sendmsg() left to the veth's tc program (affinity, no backend) */
 	FJ_STAT_GONE = 18,       /* packets to a deleted pod's address answered with TCP RST / ICMP unreachable */
-	FJ_STAT_MAX = 19,
+	FJ_STAT_ICMP_ERR = 19,   /* ICMP errors about service flows translated back for the client */
+	FJ_STAT_MAX = 20,
 };
+
+/* fjord_stats has room for this many counters, so adding one changes no map layout */
+#define FJ_STAT_SLOTS 32
 
 #endif /* FJORD_H */

@@ -28,8 +28,11 @@
  * TCP state is tracked per entry (SYN, established, closing) with per-protocol
  * timeouts from fj_config; the agent's GC removes expired entries, the LRU map
  * evicts the oldest when full (new flows are never refused for lack of space).
+ * ICMP errors (unreachable, time exceeded) about translated TCP/UDP flows (service
+ * flows of local pods, NodePort flows, masqueraded flows) are translated back for the
+ * client, as conntrack does for "RELATED" packets.
  * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments, ICMP
- * other than masqueraded echo and ICMP errors about masqueraded TCP/UDP flows.
+ * other than masqueraded echo and those errors (errors about pings, hairpin flows).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -636,6 +639,184 @@ err:
 	return TC_ACT_SHOT;
 }
 
+/* ICMP errors (destination unreachable, time exceeded) quote the head of the packet they
+ * are about: IP header + 8 bytes (the ports). When that packet was translated by fjord, the
+ * quote shows the translated addresses, which the sender's socket does not know; the error
+ * must be translated back the way a reply would be, or the socket never learns of a refused
+ * port or a smaller path MTU (conntrack does this for iptables NAT: "RELATED" packets). The
+ * quoted L4 checksum is left as it was (receivers do not check it). */
+#define FJ_ICMP_TIME_EXCEEDED 11
+#define FJ_IN_IP_OFF (FJ_L4_OFF + sizeof(struct fj_icmphdr))
+#define FJ_IN_CSUM_OFF (FJ_IN_IP_OFF + offsetof(struct iphdr, check))
+#define FJ_IN_SADDR_OFF (FJ_IN_IP_OFF + offsetof(struct iphdr, saddr))
+#define FJ_IN_DADDR_OFF (FJ_IN_IP_OFF + offsetof(struct iphdr, daddr))
+#define FJ_IN_SPORT_OFF (FJ_IN_IP_OFF + sizeof(struct iphdr))
+#define FJ_IN_DPORT_OFF (FJ_IN_SPORT_OFF + 2)
+
+struct fj_icmp_err {
+	__be32 saddr, daddr; /* outer */
+	__be32 in_saddr, in_daddr; /* quoted */
+	__be16 in_sport, in_dport;
+	__u8 in_proto;
+	__u16 in_check;
+};
+
+/* 0 and e filled if the packet is an ICMP error quoting a TCP/UDP packet, else -1. */
+static __always_inline int fj_parse_icmp_err(struct __sk_buff *skb, struct fj_icmp_err *e)
+{
+	__u32 need = FJ_IN_DPORT_OFF + 2;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + need > data_end) {
+		if (skb->len < need)
+			return -1;
+		bpf_skb_pull_data(skb, need);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	if (data + need > data_end)
+		return -1;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct fj_icmphdr *ic = (void *)(ip + 1);
+	struct iphdr *in = (void *)(ic + 1);
+	__be16 *ports = (void *)(in + 1);
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5 || ip->protocol != IPPROTO_ICMP ||
+	    (ip->frag_off & bpf_htons(0x3fff)))
+		return -1;
+	if (ic->type != FJ_ICMP_DEST_UNREACH && ic->type != FJ_ICMP_TIME_EXCEEDED)
+		return -1;
+	if (in->ihl != 5 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+		return -1;
+	e->saddr = ip->saddr;
+	e->daddr = ip->daddr;
+	e->in_saddr = in->saddr;
+	e->in_daddr = in->daddr;
+	e->in_sport = ports[0];
+	e->in_dport = ports[1];
+	e->in_proto = in->protocol;
+	e->in_check = in->check;
+	return 0;
+}
+
+/* Rewrite an ICMP error: outer source/destination (IP checksum; ICMP has no pseudo header)
+ * and the quoted addresses and ports (the quoted IP checksum, and the ICMP checksum over
+ * all of them). Only what changes is written. */
+static __always_inline int fj_icmp_err_rewrite(struct __sk_buff *skb, struct fj_icmp_err *e, __be32 osrc,
+					       __be32 odst, __be32 isrc, __be16 isport, __be32 idst, __be16 idport)
+{
+	if (osrc != e->saddr && (bpf_l3_csum_replace(skb, FJ_IP_CSUM_OFF, e->saddr, osrc, 4) ||
+				 bpf_skb_store_bytes(skb, FJ_IP_SADDR_OFF, &osrc, 4, 0)))
+		return -1;
+	if (odst != e->daddr && (bpf_l3_csum_replace(skb, FJ_IP_CSUM_OFF, e->daddr, odst, 4) ||
+				 bpf_skb_store_bytes(skb, FJ_IP_DADDR_OFF, &odst, 4, 0)))
+		return -1;
+	if (isrc != e->in_saddr && (bpf_l3_csum_replace(skb, FJ_IN_CSUM_OFF, e->in_saddr, isrc, 4) ||
+				    bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, e->in_saddr, isrc, 4) ||
+				    bpf_skb_store_bytes(skb, FJ_IN_SADDR_OFF, &isrc, 4, 0)))
+		return -1;
+	if (idst != e->in_daddr && (bpf_l3_csum_replace(skb, FJ_IN_CSUM_OFF, e->in_daddr, idst, 4) ||
+				    bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, e->in_daddr, idst, 4) ||
+				    bpf_skb_store_bytes(skb, FJ_IN_DADDR_OFF, &idst, 4, 0)))
+		return -1;
+	if (isrc != e->in_saddr || idst != e->in_daddr) {
+		/* the quoted header checksum changed too, and the ICMP checksum covers it */
+		__u16 new_check;
+		if (bpf_skb_load_bytes(skb, FJ_IN_CSUM_OFF, &new_check, 2) ||
+		    bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, e->in_check, new_check, 2))
+			return -1;
+	}
+	if (isport != e->in_sport && (bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, e->in_sport, isport, 2) ||
+				      bpf_skb_store_bytes(skb, FJ_IN_SPORT_OFF, &isport, 2, 0)))
+		return -1;
+	if (idport != e->in_dport && (bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, e->in_dport, idport, 2) ||
+				      bpf_skb_store_bytes(skb, FJ_IN_DPORT_OFF, &idport, 2, 0)))
+		return -1;
+	return 0;
+}
+
+/* An error about a service flow: the quote shows client (or SNAT address) -> backend, the
+ * reply-direction conntrack entry of that tuple names the service. Restore what the client
+ * sent (client -> service address) and address the error to the client; when the backend
+ * itself sent it, it comes from the service address. from_net: arrived on the underlay,
+ * where only SNATed (NodePort) flows are translated (errors for a local pod client are
+ * translated by fjord_to_pod, like its replies). -1: not a service flow's error. */
+static __always_inline int fj_icmp_error_svc(struct __sk_buff *skb, struct fj_config *cfg, struct fj_icmp_err *e,
+					     int from_net)
+{
+	if (!fj_is_backend_port(e->in_dport))
+		return -1;
+	struct fj_ct_key k;
+	fj_ct_key_of(&k, e->in_daddr, e->in_saddr, e->in_dport, e->in_sport, e->in_proto, FJ_CT_DIR_REPLY);
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &k);
+	if (!ct)
+		return -1;
+	__u8 flags = ct->flags;
+	if ((flags & FJ_CT_F_HAIRPIN) || (from_net && !(flags & FJ_CT_F_SNAT)))
+		return TC_ACT_OK;
+	__u32 rid = ct->rev_nat_id;
+	__be32 client = e->in_saddr, odst = e->daddr;
+	__be16 cport = e->in_sport;
+	if (flags & FJ_CT_F_SNAT) {
+		client = ct->orig_ip;
+		cport = ct->orig_port;
+		odst = client;
+	}
+	struct fj_revnat *rn = bpf_map_lookup_elem(&fjord_revnat, &rid);
+	if (!rn)
+		return TC_ACT_OK; /* service deleted: nothing to restore */
+	__be32 vip = rn->vip;
+	__be16 vport = rn->port;
+	__be32 osrc = e->saddr == e->in_daddr ? vip : e->saddr;
+	if (fj_icmp_err_rewrite(skb, e, osrc, odst, client, cport, vip, vport)) {
+		fj_count(FJ_STAT_ERROR);
+		return TC_ACT_SHOT;
+	}
+	fj_count(FJ_STAT_ICMP_ERR);
+	if (from_net || osrc == cfg->node_ip)
+		return fj_fib_redirect(skb, osrc, odst);
+	return TC_ACT_OK;
+}
+
+/* An error from outside about a masqueraded pod flow: it quotes the packet as it left (node
+ * address, SNAT port). Translate the outer destination and the quoted source back to the
+ * pod's. */
+static __always_inline int fj_icmp_error_masq(struct __sk_buff *skb, struct fj_config *cfg, struct fj_icmp_err *e)
+{
+	if (!(cfg->flags & FJ_CFG_F_MASQUERADE) || cfg->node_ip == 0 || e->daddr != cfg->node_ip ||
+	    e->in_saddr != cfg->node_ip)
+		return TC_ACT_OK;
+	struct fj_ct_key k;
+	fj_ct_key_of(&k, e->in_daddr, e->in_saddr, e->in_dport, e->in_sport, e->in_proto, FJ_CT_DIR_SNAT_REV);
+	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &k);
+	if (!ct)
+		return TC_ACT_OK;
+	__be32 pod = ct->orig_ip;
+	__be16 pod_port = ct->orig_port;
+	if (fj_icmp_err_rewrite(skb, e, e->saddr, pod, pod, pod_port, e->in_daddr, e->in_dport)) {
+		fj_count(FJ_STAT_ERROR);
+		return TC_ACT_SHOT;
+	}
+	fj_count(FJ_STAT_REVNAT);
+	return TC_ACT_OK;
+}
+
+/* A packet fj_parse passed over: an ICMP error about a service flow or (from_net) a
+ * masqueraded flow is translated, anything else goes on untouched. */
+static __always_inline int fj_icmp_error(struct __sk_buff *skb, int from_net)
+{
+	struct fj_icmp_err e;
+	if (fj_parse_icmp_err(skb, &e))
+		return TC_ACT_OK;
+	struct fj_config *cfg = fj_cfg();
+	if (!cfg)
+		return TC_ACT_OK;
+	int rc = fj_icmp_error_svc(skb, cfg, &e, from_net);
+	if (rc >= 0)
+		return rc;
+	return from_net ? fj_icmp_error_masq(skb, cfg, &e) : TC_ACT_OK;
+}
+
 /* A packet to an address of this node's PodCIDR whose pod was deleted: answer it (TCP RST,
  * ICMP port unreachable for UDP) so the sender's socket fails now, instead of the packet
  * leaving by the node's default route or vanishing. -1: not such a packet. */
@@ -657,7 +838,9 @@ SEC("classifier")
 int fjord_from_pod(struct __sk_buff *skb)
 {
 	struct fj_tuple t = {};
-	if (fj_parse(skb, &t) || t.proto == IPPROTO_ICMP) /* ICMP: only masquerade (fjord_to_net) */
+	if (fj_parse(skb, &t))
+		return fj_icmp_error(skb, 0);
+	if (t.proto == IPPROTO_ICMP) /* echo: only masquerade (fjord_to_net) */
 		return TC_ACT_OK;
 	struct fj_config *cfg = fj_cfg();
 	if (!cfg)
@@ -718,7 +901,9 @@ SEC("classifier")
 int fjord_to_pod(struct __sk_buff *skb)
 {
 	struct fj_tuple t = {};
-	if (fj_parse(skb, &t) || t.proto == IPPROTO_ICMP)
+	if (fj_parse(skb, &t))
+		return fj_icmp_error(skb, 0);
+	if (t.proto == IPPROTO_ICMP)
 		return TC_ACT_OK;
 	struct fj_config *cfg = fj_cfg();
 	if (!cfg)
@@ -738,82 +923,12 @@ int fjord_to_pod(struct __sk_buff *skb)
 	return fj_do_reply(skb, &t, ct, cfg, bpf_ktime_get_ns(), 0);
 }
 
-/* An ICMP error (destination unreachable, time exceeded) from outside about a masqueraded
- * TCP/UDP flow: it quotes the packet as it left (node address, SNAT port). Translate the
- * outer destination and the quoted source back to the pod's, so the pod's socket sees the
- * error (connection refused, PMTU) instead of the node dropping it. The quoted L4 checksum
- * is left as it was (receivers do not check it). */
-#define FJ_ICMP_TIME_EXCEEDED 11
-#define FJ_IN_IP_OFF (FJ_L4_OFF + sizeof(struct fj_icmphdr))
-#define FJ_IN_CSUM_OFF (FJ_IN_IP_OFF + offsetof(struct iphdr, check))
-#define FJ_IN_SADDR_OFF (FJ_IN_IP_OFF + offsetof(struct iphdr, saddr))
-#define FJ_IN_SPORT_OFF (FJ_IN_IP_OFF + sizeof(struct iphdr))
-static __always_inline int fj_icmp_error_rev(struct __sk_buff *skb)
-{
-	struct fj_config *cfg = fj_cfg();
-	if (!cfg || !(cfg->flags & FJ_CFG_F_MASQUERADE) || cfg->node_ip == 0)
-		return TC_ACT_OK;
-	__u32 need = FJ_IN_SPORT_OFF + 4;
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	if (data + need > data_end) {
-		if (skb->len < need)
-			return TC_ACT_OK;
-		bpf_skb_pull_data(skb, need);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-	}
-	if (data + need > data_end)
-		return TC_ACT_OK;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = (void *)(eth + 1);
-	struct fj_icmphdr *ic = (void *)(ip + 1);
-	struct iphdr *in = (void *)(ic + 1);
-	__be16 *ports = (void *)(in + 1);
-	if (eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5 || ip->protocol != IPPROTO_ICMP || ip->daddr != cfg->node_ip)
-		return TC_ACT_OK;
-	if (ic->type != FJ_ICMP_DEST_UNREACH && ic->type != FJ_ICMP_TIME_EXCEEDED)
-		return TC_ACT_OK;
-	if (in->ihl != 5 || in->saddr != cfg->node_ip || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
-		return TC_ACT_OK;
-	struct fj_ct_key k;
-	fj_ct_key_of(&k, in->daddr, in->saddr, ports[1], ports[0], in->protocol, FJ_CT_DIR_SNAT_REV);
-	struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &k);
-	if (!ct)
-		return TC_ACT_OK;
-	__be32 node = cfg->node_ip, pod = ct->orig_ip;
-	__be16 nat_port = ports[0], pod_port = ct->orig_port;
-	__u16 old_in_csum = in->check;
-	/* outer destination: node -> pod (IP header checksum only; ICMP has no pseudo header) */
-	if (bpf_l3_csum_replace(skb, FJ_IP_CSUM_OFF, node, pod, 4) ||
-	    bpf_skb_store_bytes(skb, FJ_IP_DADDR_OFF, &pod, 4, 0))
-		goto err;
-	/* quoted source address and its header checksum, each folded into the ICMP checksum */
-	if (bpf_l3_csum_replace(skb, FJ_IN_CSUM_OFF, node, pod, 4) ||
-	    bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, node, pod, 4) ||
-	    bpf_skb_store_bytes(skb, FJ_IN_SADDR_OFF, &pod, 4, 0))
-		goto err;
-	__u16 new_in_csum;
-	if (bpf_skb_load_bytes(skb, FJ_IN_CSUM_OFF, &new_in_csum, 2) ||
-	    bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, old_in_csum, new_in_csum, 2))
-		goto err;
-	/* quoted source port */
-	if (bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, nat_port, pod_port, 2) ||
-	    bpf_skb_store_bytes(skb, FJ_IN_SPORT_OFF, &pod_port, 2, 0))
-		goto err;
-	fj_count(FJ_STAT_REVNAT);
-	return TC_ACT_OK;
-err:
-	fj_count(FJ_STAT_ERROR);
-	return TC_ACT_SHOT;
-}
-
 SEC("classifier")
 int fjord_from_net(struct __sk_buff *skb)
 {
 	struct fj_tuple t = {};
 	if (fj_parse(skb, &t))
-		return fj_icmp_error_rev(skb);
+		return fj_icmp_error(skb, 1);
 	struct fj_config *cfg = fj_cfg();
 	if (!cfg)
 		return TC_ACT_OK;

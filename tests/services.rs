@@ -466,7 +466,8 @@ spec:
   type: NodePort
   selector: {app: np}
   externalIPs: [172.18.100.1]
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053},
+          {name: closed, port: 54, protocol: UDP, targetPort: 5454, nodePort: 30054}]
 ---
 apiVersion: v1
 kind: Service
@@ -559,6 +560,43 @@ async fn nodeport_across_nodes(routing: &str) {
         }
         assert_eq!(names.len(), 2, "{addr}: local and remote backends answer: {names:?}");
     }
+    // ICMP errors about service flows are translated back: nothing listens on the backends'
+    // port 5454, so each backend's kernel answers "port unreachable", quoting the datagram as it
+    // got it (client or SNAT address -> backend). A connected UDP socket only sees the error if
+    // the quote names what it sent (its own address -> the service), so without the translation
+    // every recv below times out. Over 16 sockets per frontend both backends answer (Maglev by
+    // source port): a local one (fjord_from_pod), a remote one to a NodePort client (SNATed:
+    // fjord_from_net) and to a pod client (fjord_to_pod).
+    for be in [&be0, &be1] {
+        // the backends' kernels may send as many errors as the test asks for
+        let (code, out) = run_in_ns(&pod_netns(be), &["sysctl", "-qw", "net.ipv4.icmp_ratemask=0"]);
+        assert_eq!(code, 0, "{out}");
+    }
+    let events = |text: &str| metric(text, "fjord_datapath_events{event=\"icmp_error_nat\"");
+    let before = [events(&c.client_n(0).metrics().await.unwrap()), events(&c.client_n(1).metrics().await.unwrap())];
+    let np_vip = vip_of(&c.client().services().await.unwrap(), "np");
+    let tries = 16;
+    for (ns, addr) in [
+        (&ext, SocketAddr::new(n0.address.into(), 30054)),
+        (&ext, SocketAddr::new(n1.address.into(), 30054)),
+        (&cns, SocketAddr::new(np_vip.into(), 54)),
+    ] {
+        for i in 0..tries {
+            let u = udp_bind_in(ns, "0.0.0.0:0");
+            u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            u.connect(addr).unwrap();
+            u.send(b"q").unwrap();
+            let got = u.recv(&mut [0u8; 16]);
+            assert!(
+                matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+                "{addr} try {i}: the backend's port unreachable must reach the client's socket as ECONNREFUSED: {got:?}"
+            );
+        }
+    }
+    let after = [events(&c.client_n(0).metrics().await.unwrap()), events(&c.client_n(1).metrics().await.unwrap())];
+    // node 0 translated the errors of its NodePort and of the pod client, node 1 of its NodePort
+    assert_eq!((after[0] - before[0], after[1] - before[1]), (2 * tries, tries), "icmp_error_nat per node");
+
     // externalIPs are frontends too.
     let (n, _) = who(&ext, "172.18.100.1:80".parse().unwrap()).expect("externalIP from outside");
     assert!(n == "be0" || n == "be1");

@@ -216,7 +216,7 @@ pub const CT_F_NONAT: u8 = 4;
 pub const SVC_F_AFFINITY: u32 = 1;
 pub const SVC_F_EXTERNAL: u32 = 2;
 pub const CFG_F_MASQUERADE: u32 = 1;
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Slots per Maglev table chunk (`FJ_MAGLEV_CHUNK`): a table of M slots is an array of
 /// ceil(M / MAGLEV_CHUNK) chunks of MAGLEV_CHUNK backend ids.
 pub const MAGLEV_CHUNK: usize = 1024;
@@ -318,6 +318,8 @@ mod tests {
         assert_eq!(crate::Stat::CtStale as u64, c::FJ_STAT_CT_STALE);
         assert_eq!(crate::Stat::SockToTc as u64, c::FJ_STAT_SOCK_TO_TC);
         assert_eq!(crate::Stat::Gone as u64, c::FJ_STAT_GONE);
+        assert_eq!(crate::Stat::IcmpErr as u64, c::FJ_STAT_ICMP_ERR);
+        assert!(c::FJ_STAT_MAX <= c::FJ_STAT_SLOTS, "fjord_stats has a slot for every counter");
         assert_eq!(crate::FJ_PORT_WORDS as u64, c::FJ_PORT_WORDS);
     }
 

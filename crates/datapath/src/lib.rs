@@ -105,10 +105,11 @@ pub enum Stat {
     CtExpired = 16,
     SockToTc = 17,
     Gone = 18,
+    IcmpErr = 19,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 19] = [
+    pub const ALL: [Stat; 20] = [
         Stat::Dnat,
         Stat::Revnat,
         Stat::CtNew,
@@ -128,6 +129,7 @@ impl Stat {
         Stat::CtExpired,
         Stat::SockToTc,
         Stat::Gone,
+        Stat::IcmpErr,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -150,6 +152,7 @@ impl Stat {
             Stat::CtExpired => "ct_expired",
             Stat::SockToTc => "sock_to_tc",
             Stat::Gone => "to_deleted_pod",
+            Stat::IcmpErr => "icmp_error_nat",
         }
     }
 }
