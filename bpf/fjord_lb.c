@@ -28,11 +28,11 @@
  * TCP state is tracked per entry (SYN, established, closing) with per-protocol
  * timeouts from fj_config; the agent's GC removes expired entries, the LRU map
  * evicts the oldest when full (new flows are never refused for lack of space).
- * ICMP errors (unreachable, time exceeded) about translated TCP/UDP flows (service
- * flows of local pods, NodePort flows, masqueraded flows) are translated back for the
+ * ICMP errors (unreachable, time exceeded) about translated flows (service flows of
+ * local pods, NodePort flows, masqueraded flows and pings) are translated back for the
  * client, as conntrack does for "RELATED" packets.
  * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments, ICMP
- * other than masqueraded echo and those errors (errors about pings, hairpin flows).
+ * other than masqueraded echo and those errors (and errors about hairpin flows).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -659,12 +659,14 @@ struct fj_icmp_err {
 	__be16 in_sport, in_dport;
 	__u8 in_proto;
 	__u16 in_check;
+	__u32 in_sport_off; /* where in_sport is: the quoted source port, or a quoted echo's identifier */
 };
 
-/* 0 and e filled if the packet is an ICMP error quoting a TCP/UDP packet, else -1. */
+/* 0 and e filled if the packet is an ICMP error quoting a TCP/UDP packet or an ICMP echo
+ * request (its identifier plays the source port, as in masquerade), else -1. */
 static __always_inline int fj_parse_icmp_err(struct __sk_buff *skb, struct fj_icmp_err *e)
 {
-	__u32 need = FJ_IN_DPORT_OFF + 2;
+	__u32 need = FJ_IN_SPORT_OFF + 8; /* errors quote at least 8 bytes past the IP header */
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	if (data + need > data_end) {
@@ -686,14 +688,26 @@ static __always_inline int fj_parse_icmp_err(struct __sk_buff *skb, struct fj_ic
 		return -1;
 	if (ic->type != FJ_ICMP_DEST_UNREACH && ic->type != FJ_ICMP_TIME_EXCEEDED)
 		return -1;
-	if (in->ihl != 5 || (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+	if (in->ihl != 5)
 		return -1;
+	if (in->protocol == IPPROTO_ICMP) {
+		struct fj_icmphdr *echo = (void *)(in + 1);
+		if (echo->type != FJ_ICMP_ECHO)
+			return -1;
+		e->in_sport = *(__be16 *)&echo->unused;
+		e->in_dport = 0;
+		e->in_sport_off = FJ_IN_SPORT_OFF + 4;
+	} else if (in->protocol == IPPROTO_TCP || in->protocol == IPPROTO_UDP) {
+		e->in_sport = ports[0];
+		e->in_dport = ports[1];
+		e->in_sport_off = FJ_IN_SPORT_OFF;
+	} else {
+		return -1;
+	}
 	e->saddr = ip->saddr;
 	e->daddr = ip->daddr;
 	e->in_saddr = in->saddr;
 	e->in_daddr = in->daddr;
-	e->in_sport = ports[0];
-	e->in_dport = ports[1];
 	e->in_proto = in->protocol;
 	e->in_check = in->check;
 	return 0;
@@ -727,7 +741,7 @@ static __always_inline int fj_icmp_err_rewrite(struct __sk_buff *skb, struct fj_
 			return -1;
 	}
 	if (isport != e->in_sport && (bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, e->in_sport, isport, 2) ||
-				      bpf_skb_store_bytes(skb, FJ_IN_SPORT_OFF, &isport, 2, 0)))
+				      bpf_skb_store_bytes(skb, e->in_sport_off, &isport, 2, 0)))
 		return -1;
 	if (idport != e->in_dport && (bpf_l4_csum_replace(skb, FJ_ICMP_CSUM_OFF, e->in_dport, idport, 2) ||
 				      bpf_skb_store_bytes(skb, FJ_IN_DPORT_OFF, &idport, 2, 0)))
@@ -778,9 +792,9 @@ static __always_inline int fj_icmp_error_svc(struct __sk_buff *skb, struct fj_co
 	return TC_ACT_OK;
 }
 
-/* An error from outside about a masqueraded pod flow: it quotes the packet as it left (node
- * address, SNAT port). Translate the outer destination and the quoted source back to the
- * pod's. */
+/* An error from outside about a masqueraded pod flow (TCP, UDP, ping): it quotes the packet
+ * as it left (node address, SNAT port or echo identifier). Translate the outer destination and
+ * the quoted source back to the pod's. */
 static __always_inline int fj_icmp_error_masq(struct __sk_buff *skb, struct fj_config *cfg, struct fj_icmp_err *e)
 {
 	if (!(cfg->flags & FJ_CFG_F_MASQUERADE) || cfg->node_ip == 0 || e->daddr != cfg->node_ip ||

@@ -456,6 +456,25 @@ async fn hairpin_session_affinity_and_masquerade() {
     );
     let (code, out) = run_in_ns(&cns, &["python3", "-c", &script]);
     assert_eq!((code, out.trim()), (0, "refused"), "port unreachable from outside reaches the pod's socket");
+
+    // ... and about masqueraded pings: the external namespace routes 198.51.100.0/24 nowhere
+    // (an "unreachable" route), so it answers a ping there with "host unreachable" to the
+    // node's address, quoting the node's address and SNAT identifier. Translated back, ping
+    // (a raw socket that matches errors by the quoted identifier) reports it.
+    let node_ns = c.node_netns();
+    for (ns, args) in [
+        (&ext, vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
+        (&ext, vec!["ip", "route", "add", "unreachable", "198.51.100.0/24"]),
+        (&node_ns, vec!["ip", "route", "add", "198.51.100.0/24", "via", ext_ip.as_str()]),
+    ] {
+        let (code, out) = run_in_ns(ns, &args);
+        assert_eq!(code, 0, "{args:?}: {out}");
+    }
+    let (_, out) = run_in_ns(&cns, &["ping", "-c", "1", "-W", "3", "198.51.100.7"]);
+    assert!(
+        out.contains(&format!("From {ext_ip}")) && out.contains("Unreachable"),
+        "the pod's ping learns that the destination is unreachable: {out}"
+    );
 }
 
 const NODEPORT: &str = r#"
