@@ -58,6 +58,7 @@
 //! | HTTPRouteBackendRequestHeaderModifier | proxy.rs `filters_headers_redirect_rewrite_mirror_timeouts` (`/perbackend`) | pass |
 //! | HTTPRouteBackendProtocolH2C | proxy.rs `http2_h2c_from_clients_and_to_backends` | pass |
 //! | HTTPRouteBackendProtocolWebSocket | proxy.rs (WebSocket pass-through in the streaming test) | pass |
+//! | HTTPRouteHTTPSListenerDetectMisdirectedRequests | `httproute_https_listener_detect_misdirected_requests` | fixed (fjord routed by Host across listeners) |
 //! | HTTPRouteNamedRule | `httproute_named_rule` | pass |
 //! | GatewayHTTPListenerIsolation (routing side) | `gateway_http_listener_isolation` | pass |
 //! | HTTPRouteRequestPercentageMirror | — (fractions/percent are compiled; a statistical check of async copies is not deterministic enough) | not covered |
@@ -1293,13 +1294,7 @@ async fn httproute_redirect_port_and_scheme() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let port = free_port();
     let tls_port = free_port();
-    let ck = rcgen::generate_simple_self_signed(vec!["example.org".to_string()]).unwrap();
-    let indent = |s: String| s.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
-    let secret = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: tls-validity-checks-certificate, namespace: {INFRA}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
-        indent(ck.cert.pem()),
-        indent(ck.key_pair.serialize_pem())
-    );
+    let secret = tls_secret("tls-validity-checks-certificate", &["example.org"]);
     let https_gw = gateway_doc(
         "same-namespace-with-https-listener",
         &[format!("{{name: https, port: {tls_port}, protocol: HTTPS, hostname: example.org, tls: {{certificateRefs: [{{name: tls-validity-checks-certificate}}]}}, allowedRoutes: {{namespaces: {{from: Same}}}}}}")],
@@ -1340,13 +1335,24 @@ async fn httproute_redirect_port_and_scheme() {
     ];
     for (scheme, p, want) in https_cases {
         let path = format!("/scheme-{scheme}-and-port-{p}");
-        let (status, loc) = tls_get(tls_port, "example.org", &path).await;
-        assert_eq!((status, loc), (302, format!("{want}{path}")), "HTTPS listener {path}");
+        let r = tls_get(tls_port, "example.org", "example.org", &path).await;
+        assert_eq!((r.status, r.header("location").unwrap_or_default()), (302, format!("{want}{path}").as_str()), "HTTPS listener {path}");
     }
 }
 
-/// GET `path` over TLS (SNI and Host `host`, any certificate accepted): (status, Location).
-async fn tls_get(port: u16, host: &str, path: &str) -> (u16, String) {
+/// A `kubernetes.io/tls` Secret in `infra` with a fresh self-signed certificate for `hosts`.
+fn tls_secret(name: &str, hosts: &[&str]) -> String {
+    let ck = rcgen::generate_simple_self_signed(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
+    let indent = |s: String| s.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {INFRA}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
+        indent(ck.cert.pem()),
+        indent(ck.key_pair.serialize_pem())
+    )
+}
+
+/// GET `path` over TLS with SNI `sni` and Host `host` (any certificate accepted), HTTP/1.1.
+async fn tls_get(port: u16, sni: &str, host: &str, path: &str) -> Resp {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     #[derive(Debug)]
@@ -1373,13 +1379,14 @@ async fn tls_get(port: u16, host: &str, path: &str) -> (u16, String) {
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await.expect("TLS handshake");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await.expect("TLS handshake");
     let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
     let req = http::Request::builder().uri(path).header("host", host).body(empty()).unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(20), s.send_request(req)).await.expect("answer in time").unwrap();
-    let loc = resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    (resp.status().as_u16(), loc)
+    let (status, version, headers) = (resp.status().as_u16(), resp.version(), resp.headers().clone());
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Resp { status, headers, body, version }
 }
 
 /// A backend that records the paths it receives, for RequestMirror.
@@ -1501,4 +1508,79 @@ async fn gateway_http_listener_isolation() {
         }
     }
     expect_all(port, &cases).await;
+}
+
+/// HTTPRouteHTTPSListenerDetectMisdirectedRequests: on a port with several HTTPS listeners, a
+/// request whose Host selects another listener than the TLS SNI did (HTTP/2 connection
+/// coalescing, or a client sending a Host for another certificate) is answered 421 Misdirected
+/// Request instead of being routed by the other listener's routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproute_https_listener_detect_misdirected_requests() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let port = free_port();
+    let secret = tls_secret("tls-validity-checks-certificate", &["example.org", "second-example.org", "*.wildcard.org", "unknown-example.org"]);
+    let l = |name: &str, host: Option<&str>| {
+        let h = host.map(|h| format!("hostname: \"{h}\", ")).unwrap_or_default();
+        format!("{{name: {name}, port: {port}, protocol: HTTPS, {h}tls: {{certificateRefs: [{{name: tls-validity-checks-certificate}}]}}, allowedRoutes: {{namespaces: {{from: Same}}}}}}")
+    };
+    let gw = gateway_doc(
+        "same-namespace-with-https-listener",
+        &[
+            l("https", None),
+            l("https-with-hostname", Some("second-example.org")),
+            l("https-with-wildcard-hostname", Some("*.wildcard.org")),
+            l("https-with-hostname-matching-wildcard", Some("fourth-example.wildcard.org")),
+        ],
+    );
+    let r = |n: u8, section: Option<&str>, hosts: &str, backend: &str| {
+        let parent = match section {
+            Some(s) => format!("{{name: same-namespace-with-https-listener, sectionName: {s}}}"),
+            None => "{name: same-namespace-with-https-listener}".to_string(),
+        };
+        route(
+            &format!("misdirected-{n}"),
+            INFRA,
+            &format!("  parentRefs: [{parent}]\n  hostnames: {hosts}\n  rules:\n  - matches: [{{path: {{value: /detect-misdirected-requests}}}}]\n    backendRefs: [{{name: {backend}, port: 8080}}]"),
+        )
+    };
+    let (_gw, st) = start(vec![
+        gw,
+        secret,
+        r(1, None, "[example.org]", "infra-backend-v1"),
+        r(2, Some("https-with-hostname"), "[]", "infra-backend-v2"),
+        r(3, Some("https-with-wildcard-hostname"), "[third-example.wildcard.org, fifth-example.wildcard.org]", "infra-backend-v3"),
+        r(4, Some("https-with-hostname-matching-wildcard"), "[third-example.wildcard.org, fourth-example.wildcard.org]", "app-backend-v1").replace("name: app-backend-v1", "name: app-backend-v1, namespace: app"),
+        grant("to-app", "app", "HTTPRoute", INFRA, None),
+    ])
+    .await;
+    for n in 1..=4 {
+        accepted_and_resolved(&st, &format!("infra/misdirected-{n}"));
+    }
+    let cases: &[(&str, &str, Result<&str, u16>)] = &[
+        ("example.org", "example.org", Ok("infra-backend-v1")),
+        ("example.org", "second-example.org", Err(421)),
+        ("example.org", "unknown-example.org", Err(404)),
+        ("second-example.org", "second-example.org", Ok("infra-backend-v2")),
+        ("second-example.org", "example.org", Err(421)),
+        ("second-example.org", "unknown-example.org", Err(421)),
+        ("third-example.wildcard.org", "third-example.wildcard.org", Ok("infra-backend-v3")),
+        ("third-example.wildcard.org", "fifth-example.wildcard.org", Ok("infra-backend-v3")),
+        ("third-example.wildcard.org", "fourth-example.wildcard.org", Err(421)),
+        ("third-example.wildcard.org", "second-example.org", Err(421)),
+        ("third-example.wildcard.org", "unknown-example.org", Err(421)),
+        ("fourth-example.wildcard.org", "fourth-example.wildcard.org", Ok("app-backend-v1")),
+        ("fourth-example.wildcard.org", "fifth-example.wildcard.org", Err(421)),
+        ("unknown-example.org", "example.org", Ok("infra-backend-v1")),
+        ("unknown-example.org", "unknown-example.org", Err(404)),
+        // the port in Host does not matter
+        ("second-example.org", "second-example.org:443", Ok("infra-backend-v2")),
+    ];
+    for (sni, host, want) in cases {
+        let r = tls_get(port, sni, host, "/detect-misdirected-requests").await;
+        let what = format!("SNI {sni}, Host {host}");
+        match want {
+            Ok(b) => expect_backend(&r, b, &what),
+            Err(code) => assert_eq!(r.status, *code, "{what}: {:?}", String::from_utf8_lossy(&r.body)),
+        }
+    }
 }
