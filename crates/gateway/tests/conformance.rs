@@ -21,7 +21,7 @@
 //! | HTTPRouteExactPathMatching | `httproute_exact_path_matching` | pass |
 //! | HTTPRouteHeaderMatching | `httproute_header_matching` | pass |
 //! | HTTPRouteHostnameIntersection | `httproute_hostname_intersection` | pass |
-//! | HTTPRouteHTTPSListener | tls.rs `https_terminates_tls_with_sni_per_hostname_and_alpn_h2` | pass |
+//! | HTTPRouteHTTPSListener | `httproute_https_listener` (also tls.rs `https_terminates_tls_with_sni_per_hostname_and_alpn_h2`) | pass |
 //! | HTTPRouteInvalidCrossNamespaceBackendRef | proxy.rs `bad_objects_are_refused_with_conditions_and_disturb_nothing` | pass |
 //! | HTTPRouteInvalidCrossNamespaceParentRef | `httproute_invalid_cross_namespace_parent_ref` | pass |
 //! | HTTPRouteInvalidNonExistentBackendRef | `httproute_invalid_nonexistent_backend_ref` (also proxy.rs `weights_zero_missing_backends_and_no_endpoints`) | pass |
@@ -1583,4 +1583,32 @@ async fn httproute_https_listener_detect_misdirected_requests() {
             Err(code) => assert_eq!(r.status, *code, "{what}: {:?}", String::from_utf8_lossy(&r.body)),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproute_https_listener() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let port = free_port();
+    let secret = tls_secret("tls-validity-checks-certificate", &["example.org", "second-example.org", "unknown-example.org"]);
+    let gw = gateway_doc(
+        "same-namespace-with-https-listener",
+        &[
+            format!("{{name: https, port: {port}, protocol: HTTPS, tls: {{certificateRefs: [{{name: tls-validity-checks-certificate}}]}}}}"),
+            format!("{{name: https-with-hostname, port: {port}, protocol: HTTPS, hostname: second-example.org, tls: {{certificateRefs: [{{name: tls-validity-checks-certificate}}]}}}}"),
+        ],
+    );
+    let with_host = route("httproute-https-test", INFRA, "  parentRefs: [{name: same-namespace-with-https-listener}]\n  hostnames: [example.org]\n  rules:\n  - backendRefs: [{name: infra-backend-v1, port: 8080}]");
+    let no_host = route(
+        "httproute-https-test-no-hostname",
+        INFRA,
+        "  parentRefs: [{name: same-namespace-with-https-listener, sectionName: https-with-hostname}]\n  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]",
+    );
+    let (_gw, st) = start(vec![gw, secret, with_host, no_host]).await;
+    accepted_and_resolved(&st, "infra/httproute-https-test");
+    accepted_and_resolved(&st, "infra/httproute-https-test-no-hostname");
+    let r = tls_get(port, "example.org", "example.org", "/").await;
+    expect_backend(&r, "infra-backend-v1", "example.org");
+    assert_eq!(r.echo().header("x-forwarded-proto"), Some("https"));
+    assert_eq!(tls_get(port, "unknown-example.org", "unknown-example.org", "/").await.status, 404);
+    expect_backend(&tls_get(port, "second-example.org", "second-example.org", "/").await, "infra-backend-v2", "second-example.org");
 }
