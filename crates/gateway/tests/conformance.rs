@@ -177,8 +177,11 @@ fn expect_backend(r: &Resp, backend: &str, what: &str) {
     assert_eq!(r.echo().pod, backend, "{what}");
 }
 
+/// One request of a table: (host or method, path, headers, expected backend or status).
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Result<&'a str, u16>);
+
 /// A table of (host, path, headers, expected backend or status).
-async fn expect_all(port: u16, cases: &[(&str, &str, &[(&str, &str)], Result<&str, u16>)]) {
+async fn expect_all(port: u16, cases: &[Case<'_>]) {
     for (host, path, headers, want) in cases {
         let r = req(port, "GET", host, path, headers).await;
         let what = format!("GET {host}{path} {headers:?}");
@@ -361,7 +364,7 @@ async fn httproute_method_matching() {
     );
     let (_gw, st) = start(vec![same_namespace(port), r]).await;
     accepted_and_resolved(&st, "infra/method-matching");
-    let cases: &[(&str, &str, &[(&str, &str)], Result<&str, u16>)] = &[
+    let cases: &[Case] = &[
         ("POST", "/", NO_HEADERS, Ok("infra-backend-v1")),
         ("GET", "/", NO_HEADERS, Ok("infra-backend-v2")),
         ("HEAD", "/", NO_HEADERS, Err(404)),
@@ -1351,26 +1354,27 @@ fn tls_secret(name: &str, hosts: &[&str]) -> String {
     )
 }
 
+/// Accepts any server certificate (the tests check routing, not PKI).
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &rustls::pki_types::ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// GET `path` over TLS with SNI `sni` and Host `host` (any certificate accepted), HTTP/1.1.
 async fn tls_get(port: u16, sni: &str, host: &str, path: &str) -> Resp {
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    #[derive(Debug)]
-    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-    impl ServerCertVerifier for AnyCert {
-        fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
+    use rustls::pki_types::ServerName;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -1493,7 +1497,7 @@ async fn gateway_http_listener_isolation() {
     for s in ["empty-hostname", "wildcard-example-com", "wildcard-foo-example-com", "abc-foo-example-com"] {
         accepted_and_resolved(&st, &format!("infra/attaches-to-{s}"));
     }
-    let mut cases: Vec<(&str, &str, &[(&str, &str)], Result<&str, u16>)> = vec![];
+    let mut cases: Vec<Case> = vec![];
     for (host, own, backend) in [
         ("bar.com", "/empty-hostname", "infra-backend-v1"),
         ("bar.example.com", "/wildcard-example-com", "infra-backend-v2"),
@@ -1583,6 +1587,37 @@ async fn httproute_https_listener_detect_misdirected_requests() {
             Err(code) => assert_eq!(r.status, *code, "{what}: {:?}", String::from_utf8_lossy(&r.body)),
         }
     }
+    // HTTP/2 connection coalescing: one connection (SNI example.org), requests for two hosts
+    let statuses = h2_tls_statuses(port, "example.org", &["example.org", "second-example.org", "example.org"], "/detect-misdirected-requests").await;
+    assert_eq!(statuses, [200, 421, 200]);
+}
+
+/// Over one HTTP/2 TLS connection (SNI `sni`, ALPN h2), GET `path` with each `:authority`.
+async fn h2_tls_statuses(port: u16, sni: &str, authorities: &[&str], path: &str) -> Vec<u16> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut s, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let mut out = vec![];
+    for a in authorities {
+        let req = http::Request::builder().uri(format!("https://{a}{path}")).body(empty()).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), s.send_request(req)).await.expect("answer in time").unwrap();
+        out.push(resp.status().as_u16());
+        let _ = resp.into_body().collect().await;
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
