@@ -64,6 +64,10 @@
 //! | HTTPRouteRequestPercentageMirror | — (fractions/percent are compiled; a statistical check of async copies is not deterministic enough) | not covered |
 //! | HTTPRouteCORS, HTTPRouteRetry, HTTPRouteSessionPersistence (experimental) | proxy.rs checks CORS is refused with `UnsupportedValue` | not supported |
 //!
+//! Every status check also asserts what upstream's `HTTPRouteMustHaveParents` compares: the
+//! parent status names `fjord.dev/gateway` and carries the parentRef with `group` and `kind`
+//! defaulted as the API server stores them (fixed: fjord copied the parentRef as written).
+//!
 //! HTTPRouteMatchingAcrossRoutes: an old upstream manifest gave `matching-part2` the hostname
 //! `*.com`; with that, `example.com/v2` would have to reach part2's `/v2` rule although part1
 //! names `example.com` exactly. fjord follows the HTTPRouteSpec.hostnames text (rules of the
@@ -150,9 +154,21 @@ fn assert_cond(c: &Condition, status: &str, reason: &str) {
     assert_eq!((c.status.as_str(), c.reason.as_str()), (status, reason), "{c:?}");
 }
 
+/// Upstream's `HTTPRouteMustHaveParents`: every parent status names fjord's controller and a
+/// parentRef as the API server stores it, with `group` and `kind` defaulted.
+#[track_caller]
+fn parents_have_defaulted_refs(st: &StatusReport, route: &str) {
+    for p in &st.http_routes[route].parents {
+        assert_eq!(p.controller_name, "fjord.dev/gateway");
+        assert_eq!(p.parent_ref.group.as_deref(), Some("gateway.networking.k8s.io"), "{route}: {:?}", p.parent_ref);
+        assert_eq!(p.parent_ref.kind.as_deref(), Some("Gateway"), "{route}: {:?}", p.parent_ref);
+    }
+}
+
 /// Upstream's `GatewayAndHTTPRoutesMustBeAccepted` + `HTTPRouteMustHaveResolvedRefsConditionsTrue`.
 #[track_caller]
 fn accepted_and_resolved(st: &StatusReport, route: &str) {
+    parents_have_defaulted_refs(st, route);
     for (i, _) in st.http_routes[route].parents.iter().enumerate() {
         assert!(cond(st, route, i, "Accepted").is_true(), "{route}: {:?}", cond(st, route, i, "Accepted"));
         assert!(cond(st, route, i, "ResolvedRefs").is_true(), "{route}: {:?}", cond(st, route, i, "ResolvedRefs"));
@@ -539,6 +555,7 @@ async fn httproute_hostname_intersection() {
     }
     // routes that intersect no listener hostname are not accepted and not counted
     assert_cond(&cond(&st, "infra/no-intersecting-hosts", 0, "Accepted"), "False", "NoMatchingListenerHostname");
+    parents_have_defaulted_refs(&st, "infra/no-intersecting-hosts");
     assert_eq!(attached(&st, "infra/hostname-intersection", "listener-1"), 2);
     assert_eq!(attached(&st, "infra/hostname-intersection", "listener-2"), 1);
     assert_eq!(attached(&st, "infra/hostname-intersection", "listener-3"), 1);
@@ -619,6 +636,7 @@ async fn httproute_cross_namespace() {
 /// ResolvedRefs still True, no parent accepted, and the Gateway counts no route.
 #[track_caller]
 fn not_attached(st: &StatusReport, route: &str, gw: &str, reason: &str) {
+    parents_have_defaulted_refs(st, route);
     for (i, _) in st.http_routes[route].parents.iter().enumerate() {
         assert_cond(&cond(st, route, i, "Accepted"), "False", reason);
         assert!(cond(st, route, i, "ResolvedRefs").is_true(), "{:?}", cond(st, route, i, "ResolvedRefs"));
