@@ -72,8 +72,8 @@
 //! `*.com`; with that, `example.com/v2` would have to reach part2's `/v2` rule although part1
 //! names `example.com` exactly. fjord follows the HTTPRouteSpec.hostnames text (rules of the
 //! route with the most specific matching hostname take precedence; a less specific hostname's
-//! rules are tried when none of them matches) and uses `example.com` for part2, as the current
-//! manifest does.
+//! rules are tried when none of them matches) and uses `example.com` for part2, as other ports
+//! of this case do (which hostname the newest upstream manifest uses was not verified).
 mod common;
 
 use std::net::SocketAddr;
