@@ -177,6 +177,8 @@ struct ConnCtx {
     port: u16,
     peer: SocketAddr,
     tls: bool,
+    /// The TLS server name (SNI) the client asked for, if any.
+    sni: Option<Box<str>>,
     /// The peer IP as a header value (for X-Forwarded-For), computed once per connection.
     peer_ip: HeaderValue,
 }
@@ -184,7 +186,7 @@ struct ConnCtx {
 impl ConnCtx {
     fn new(port: u16, peer: SocketAddr, tls: bool) -> Self {
         let peer_ip = HeaderValue::from_maybe_shared(Bytes::from_owner(IpText::new(peer.ip()))).expect("an IP is a valid header value");
-        ConnCtx { port, peer, tls, peer_ip }
+        ConnCtx { port, peer, tls, sni: None, peer_ip }
     }
 }
 
@@ -387,7 +389,9 @@ async fn serve_conn(inner: Arc<Inner>, mut tcp: TcpStream, peer: SocketAddr, por
                 Ok(s) => {
                     // ALPN decides the protocol; no preface sniffing needed.
                     let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                    serve_http(inner, Prefixed { pre: Bytes::new(), io: TokioIo::new(s) }, ConnCtx::new(port, peer, true), h2).await
+                    let mut ctx = ConnCtx::new(port, peer, true);
+                    ctx.sni = s.get_ref().1.server_name().map(|n| n.to_ascii_lowercase().into_boxed_str());
+                    serve_http(inner, Prefixed { pre: Bytes::new(), io: TokioIo::new(s) }, ctx, h2).await
                 }
                 Err(e) => tracing::debug!(%peer, port, error = %e, "TLS handshake failed"),
             }
@@ -562,7 +566,18 @@ async fn route_request(
     };
     let raw_host_str = raw_host.to_str().unwrap_or("");
     let host = normalize_host_cow(raw_host_str);
-    let Some(listener) = pt.listener_for(&host) else {
+    let listener = pt.listener_for(&host);
+    // On TLS, the listener was chosen by SNI (its certificate was presented): a Host that
+    // selects another listener (HTTP/2 connection coalescing, or a Host for another
+    // certificate) must not reach that listener's routes. The Gateway API answers 421
+    // Misdirected Request (GatewayHTTPSListenerDetectMisdirectedRequests), so the client
+    // retries on a connection of its own.
+    if let Some(by_sni) = ctx.sni.as_deref().and_then(|sni| pt.listener_for(sni)) {
+        if !listener.is_some_and(|l| std::ptr::eq(l, by_sni)) {
+            return local(StatusCode::MISDIRECTED_REQUEST, "misdirected request: the Host names another listener than the TLS server name\n");
+        }
+    }
+    let Some(listener) = listener else {
         return local(StatusCode::NOT_FOUND, "no listener for this host\n");
     };
     let query = req.uri().query().map(parse_query).unwrap_or_default();

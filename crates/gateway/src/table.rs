@@ -871,8 +871,15 @@ pub fn build(objs: &ObjectSet, resolver: &dyn BackendResolver) -> BuildOutput {
                     }
                 }
             }
+            // The parentRef as the API server stores it: `group` and `kind` have CRD defaults,
+            // so status consumers (and the conformance suite) see them set.
+            let parent_ref = ParentReference {
+                group: Some(p.group.clone().unwrap_or_else(|| GATEWAY_GROUP.into())),
+                kind: Some(p.kind.clone().unwrap_or_else(|| "Gateway".into())),
+                ..p.clone()
+            };
             parents_status.push(RouteParentStatus {
-                parent_ref: p.clone(),
+                parent_ref,
                 controller_name: CONTROLLER_NAME.into(),
                 conditions: conds,
             });
