@@ -8,7 +8,9 @@
 //!
 //! Setup: two `fjord-echo` backends (separate processes); fjord-gateway configured with the
 //! seed HTTPRoute (PathPrefix /api/v2, 90/10 weights); nginx configured with the same route and
-//! weights (upstream weight=90/10, keepalive); wrk with one thread. Every run is bounded by
+//! weights (upstream weight=90/10, keepalive), on two ports: as configured by default, and with
+//! `listen … deferred` (TCP_DEFER_ACCEPT, which fjord-gateway's listeners set); wrk with one
+//! thread. Every run is bounded by
 //! time; all processes are killed on exit, also on panic.
 use std::io::Write;
 use std::net::TcpListener;
@@ -151,7 +153,7 @@ fn main() {
     let echo_bin = PathBuf::from(env!("CARGO_BIN_EXE_fjord-echo"));
     let gw_bin = std::env::var_os("FJTGW_BENCH_GATEWAY_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fjord-gateway")));
 
-    let (p1, p2, pg, pn) = (free_port(), free_port(), free_port(), free_port());
+    let (p1, p2, pg, pn, pnd) = (free_port(), free_port(), free_port(), free_port(), free_port());
     let mut procs = Vec::new();
     for (port, pod) in [(p1, "backend-v1"), (p2, "backend-v2")] {
         let c = Command::new(&echo_bin)
@@ -209,6 +211,7 @@ spec: {{ports: [{{port: 8080, endpoints: ["127.0.0.1:{p2}"]}}]}}
 
     // nginx with the same route and weights
     let nd = dir.path().join("nginx");
+    let locations = r#"location = /api/v2 { proxy_pass http://split; proxy_http_version 1.1; proxy_set_header Connection ""; } location /api/v2/ { proxy_pass http://split; proxy_http_version 1.1; proxy_set_header Connection ""; } location / { return 404; }"#;
     std::fs::create_dir(&nd).unwrap();
     write(
         &nd.join("nginx.conf"),
@@ -222,12 +225,8 @@ http {{
   access_log off;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
   upstream split {{ server 127.0.0.1:{p1} weight=90; server 127.0.0.1:{p2} weight=10; keepalive 256; }}
-  server {{
-    listen 127.0.0.1:{pn};
-    location = /api/v2 {{ proxy_pass http://split; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-    location /api/v2/ {{ proxy_pass http://split; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-    location / {{ return 404; }}
-  }}
+  server {{ listen 127.0.0.1:{pn}; {locations} }}
+  server {{ listen 127.0.0.1:{pnd} deferred; {locations} }}
 }}
 "#,
             d = nd.display()
@@ -241,8 +240,16 @@ http {{
         .unwrap();
     let ng = Proc { name: "nginx", child: ng };
     wait_port(pn, "nginx");
+    wait_port(pnd, "nginx (deferred)");
 
-    let targets = [("direct (floor)", p1, None), ("fjord-gateway", pg, Some(&gw)), ("nginx", pn, Some(&ng))];
+    // "nginx deferred": the same nginx with `listen … deferred` (TCP_DEFER_ACCEPT, which
+    // fjord-gateway's listeners use), so the socket option's share of the difference shows
+    let targets = [
+        ("direct (floor)", p1, None),
+        ("fjord-gateway", pg, Some(&gw)),
+        ("nginx", pn, Some(&ng)),
+        ("nginx deferred", pnd, Some(&ng)),
+    ];
     println!("# gateway binary {}", gw_bin.display());
     println!("# wrk -t1 -c{conns} -d{secs}s, proxies with {workers} worker thread(s)/process(es), 2 echo backends, 90/10 split, path /api/v2/bench");
     let mut results = Vec::new();
@@ -268,17 +275,20 @@ http {{
             results.push((mode, *name, r, rss));
         }
     }
-    println!("# ratios (fjord-gateway / nginx; fjord-gateway / direct)");
+    println!("# ratios (fjord-gateway / nginx as configured by default; / nginx with `listen deferred`; / direct)");
     for mode in ["keep-alive", "new connection per request"] {
         let get = |n: &str| results.iter().find(|(m, name, _, _)| *m == mode && *name == n).unwrap();
         let (_, _, g, grss) = get("fjord-gateway");
         let (_, _, n, nrss) = get("nginx");
+        let (_, _, nd, _) = get("nginx deferred");
         let (_, _, d, _) = get("direct (floor)");
         println!(
-            "{mode:<27} throughput x{:.2} vs nginx, x{:.2} vs direct; p99 x{:.2} vs nginx; peak RSS x{:.2} vs nginx",
+            "{mode:<27} throughput x{:.2} vs nginx, x{:.2} vs nginx deferred, x{:.2} vs direct; p99 x{:.2} vs nginx, x{:.2} vs nginx deferred; peak RSS x{:.2} vs nginx",
             g.rps / n.rps,
+            g.rps / nd.rps,
             g.rps / d.rps,
             g.p99_ms / n.p99_ms,
+            g.p99_ms / nd.p99_ms,
             *grss as f64 / *nrss as f64
         );
     }

@@ -719,3 +719,32 @@ async fn per_worker_reuseport_listeners_serve_and_stop_together() {
         let _ = s.send(());
     }
 }
+
+/// Listeners use TCP_DEFER_ACCEPT: a client that connects and sends nothing is not handed to
+/// the proxy (no task, no open connection counted), so a new connection costs the proxy one
+/// wake-up (accept + read of its first bytes); once the client speaks it is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_wait_in_the_kernel_until_the_client_speaks() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = echo("a", "default").await;
+    let port = free_port();
+    let (gw, _) = gateway(&[
+        class_and_gateway("gw", "default", port),
+        static_service("a", "default", 80, &[a]),
+        route("g", "default", "gw", "  - backendRefs: [{name: a, port: 80}]"),
+    ])
+    .await;
+    let open = || {
+        let text = gw.metrics().encode();
+        text.lines().find(|l| l.starts_with("fjord_gateway_active_connections ")).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(-1.0)
+    };
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("the handshake completes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(open(), 0.0, "a connection that sent nothing is not accepted yet");
+    silent.write_all(b"GET /late HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut resp)).await.expect("answered").unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"/late\""), "the echo backend saw the request: {resp}");
+}
