@@ -29,10 +29,10 @@
  * timeouts from fj_config; the agent's GC removes expired entries, the LRU map
  * evicts the oldest when full (new flows are never refused for lack of space).
  * ICMP errors (unreachable, time exceeded) about translated flows (service flows of
- * local pods, NodePort flows, masqueraded flows and pings) are translated back for the
+ * local pods incl. hairpin, NodePort flows, masqueraded flows and pings) are translated back for the
  * client, as conntrack does for "RELATED" packets.
  * Not handled (passed through unchanged): IPv6, IPv4 with options, fragments, ICMP
- * other than masqueraded echo and those errors (and errors about hairpin flows).
+ * other than masqueraded echo and those errors.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -749,10 +749,11 @@ static __always_inline int fj_icmp_err_rewrite(struct __sk_buff *skb, struct fj_
 	return 0;
 }
 
-/* An error about a service flow: the quote shows client (or SNAT address) -> backend, the
- * reply-direction conntrack entry of that tuple names the service. Restore what the client
- * sent (client -> service address) and address the error to the client; when the backend
- * itself sent it, it comes from the service address. from_net: arrived on the underlay,
+/* An error about a service flow: the quote shows client (or SNAT or hairpin address) ->
+ * backend, the reply-direction conntrack entry of that tuple names the service. Restore what
+ * the client sent (client -> service address) and address the error to the client; when the
+ * backend itself sent it, it comes from the service address. A hairpin flow's error goes back
+ * into the pod that sent it (it is the client too). from_net: arrived on the underlay,
  * where only SNATed (NodePort) flows are translated (errors for a local pod client are
  * translated by fjord_to_pod, like its replies). -1: not a service flow's error. */
 static __always_inline int fj_icmp_error_svc(struct __sk_buff *skb, struct fj_config *cfg, struct fj_icmp_err *e,
@@ -766,7 +767,7 @@ static __always_inline int fj_icmp_error_svc(struct __sk_buff *skb, struct fj_co
 	if (!ct)
 		return -1;
 	__u8 flags = ct->flags;
-	if ((flags & FJ_CT_F_HAIRPIN) || (from_net && !(flags & FJ_CT_F_SNAT)))
+	if (from_net && !(flags & FJ_CT_F_SNAT))
 		return TC_ACT_OK;
 	__u32 rid = ct->rev_nat_id;
 	__be32 client = e->in_saddr, odst = e->daddr;
@@ -787,6 +788,8 @@ static __always_inline int fj_icmp_error_svc(struct __sk_buff *skb, struct fj_co
 		return TC_ACT_SHOT;
 	}
 	fj_count(FJ_STAT_ICMP_ERR);
+	if (flags & FJ_CT_F_HAIRPIN)
+		return fj_bounce(skb); /* the client is the pod that sent the error */
 	if (from_net || osrc == cfg->node_ip)
 		return fj_fib_redirect(skb, osrc, odst);
 	return TC_ACT_OK;

@@ -325,7 +325,7 @@ kind: Service
 metadata: {name: solo}
 spec:
   selector: {app: solo}
-  ports: [{port: 80, targetPort: 8080}]
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: closed, port: 54, protocol: UDP, targetPort: 5454}]
 ---
 apiVersion: v1
 kind: Service
@@ -366,6 +366,21 @@ async fn hairpin_session_affinity_and_masquerade() {
     }
     // ... and other clients are not hairpinned.
     assert_eq!(who(&cns, SocketAddr::new(solo_vip.into(), 80)).unwrap().1, client.ip.unwrap().to_string());
+    // An ICMP error about a hairpin flow goes back into the pod, translated: solo's UDP port 5454
+    // has no socket, so solo's kernel answers its own datagram (sent to the VIP, arriving from
+    // the hairpin address) with port unreachable, which must reach solo's connected socket.
+    let hairpin_udp = SocketAddr::new(solo_vip.into(), 54);
+    for i in 0..3 {
+        let u = udp_bind_in(&sns, "0.0.0.0:0");
+        u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        u.connect(hairpin_udp).unwrap();
+        u.send(b"q").unwrap();
+        let got = u.recv(&mut [0u8; 16]);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "try {i}: port unreachable about a hairpin flow reaches the pod's socket: {got:?}"
+        );
+    }
 
     // sessionAffinity ClientIP: every connection of one client goes to the same backend
     // (without affinity, 40 connections over 3 backends all landing on one: p = 3 * 3^-40).
