@@ -20,6 +20,19 @@ fn route(name: &str, ns: &str, gw: &str, rules: &str) -> String {
     )
 }
 
+/// A gateway on a free port with one route ("default/g", every request) to one echo backend "a".
+async fn one_backend_gateway() -> (fjord_gateway::Gateway, u16) {
+    let a = echo("a", "default").await;
+    let port = free_port();
+    let (gw, _) = gateway(&[
+        class_and_gateway("gw", "default", port),
+        static_service("a", "default", 80, &[a]),
+        route("g", "default", "gw", "  - backendRefs: [{name: a, port: 80}]"),
+    ])
+    .await;
+    (gw, port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_route_splits_90_10_over_10000_requests_and_404s_elsewhere() {
     let v1 = echo("backend-v1-pod", "backend").await;
@@ -393,14 +406,7 @@ async fn hot_reload_under_load_fails_nothing_and_changes_are_visible_immediately
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_bodies_both_ways_and_websocket_upgrade() {
-    let a = echo("a", "default").await;
-    let port = free_port();
-    let (_gw, _) = gateway(&[
-        class_and_gateway("gw", "default", port),
-        static_service("a", "default", 80, &[a]),
-        route("s", "default", "gw", "  - backendRefs: [{name: a, port: 80}]"),
-    ])
-    .await;
+    let (_gw, port) = one_backend_gateway().await;
     // Streaming: each chunk must come back before the next is sent; a proxy that buffered
     // whole bodies would deadlock here (the outer timeout turns that into a failure).
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, hyper::Error>>(1);
@@ -570,14 +576,7 @@ async fn backend_connections_are_kept_alive_and_stale_ones_are_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
-    let a = echo("a", "default").await;
-    let port = free_port();
-    let (gw, _) = gateway(&[
-        class_and_gateway("gw", "default", port),
-        static_service("a", "default", 80, &[a]),
-        route("g", "default", "gw", "  - backendRefs: [{name: a, port: 80}]"),
-    ])
-    .await;
+    let (gw, port) = one_backend_gateway().await;
     let c = client();
     // warm a keep-alive connection, then start a slow request on it
     assert_eq!(get(&c, &format!("http://127.0.0.1:{port}/warm")).await.status, 200);
@@ -726,14 +725,7 @@ async fn per_worker_reuseport_listeners_serve_and_stop_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_wait_in_the_kernel_until_the_client_speaks() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let a = echo("a", "default").await;
-    let port = free_port();
-    let (gw, _) = gateway(&[
-        class_and_gateway("gw", "default", port),
-        static_service("a", "default", 80, &[a]),
-        route("g", "default", "gw", "  - backendRefs: [{name: a, port: 80}]"),
-    ])
-    .await;
+    let (gw, port) = one_backend_gateway().await;
     let open = || {
         let text = gw.metrics().encode();
         text.lines().find(|l| l.starts_with("fjord_gateway_active_connections ")).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(-1.0)
