@@ -142,7 +142,6 @@ fn check_mode_prints_status_and_bad_config_fails_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_mode_binary_serves_objects_from_the_store_and_writes_status() {
     use fjord_model::keys;
-    use fjord_model::objects::{parse_manifests_with, Object, ValidationContext};
     let a = echo("a", "app").await;
     let port = free_port();
     let dir = tempfile::Builder::new().prefix("fjtgw-").tempdir().unwrap();
@@ -157,19 +156,7 @@ async fn store_mode_binary_serves_objects_from_the_store_and_writes_status() {
     );
     {
         let store = fjord_store::open(&url).await.unwrap();
-        let objs = parse_manifests_with(&text, &ValidationContext::default(), Some(&fjord_gateway::manifest::GatewayKinds)).unwrap();
-        for o in objs {
-            let (k, v) = match &o {
-                Object::Service(s) => (keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(s).unwrap()),
-                Object::EndpointSlice(e) => (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(e).unwrap()),
-                Object::Extension(x) => {
-                    let mut x = x.clone();
-                    x.carry_over(None, "2025-01-01T00:00:00Z");
-                    (keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name), serde_json::to_vec(&x.value).unwrap())
-                }
-            };
-            store.put(&k, v, None).await.unwrap();
-        }
+        put_manifests(store.as_ref(), &text, "2025-01-01T00:00:00Z").await;
     } // the store file is free again: one process per embedded store
     let child = Command::new(env!("CARGO_BIN_EXE_fjord-gateway"))
         .args(["--store", &url, "--listen-address", "127.0.0.1", "--workers", "1", "--shutdown-grace-secs", "1"])

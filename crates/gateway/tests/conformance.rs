@@ -856,28 +856,10 @@ impl StoreSetup {
 
     /// Apply `docs` (plus, the first time, the class and the `one`/`two` Services) and sync.
     async fn apply(&self, docs: &[String]) {
-        use fjord_model::keys;
-        use fjord_model::objects::{parse_manifests_with, Object, ValidationContext};
-        let first = self.store.get(&keys::object("gatewayclasses", "", "fjord")).await.unwrap().is_none();
+        let first = self.store.get(&fjord_model::keys::object("gatewayclasses", "", "fjord")).await.unwrap().is_none();
         let mut all: Vec<String> = if first { self.services.clone() } else { vec![] };
         all.extend(docs.iter().cloned());
-        let objs = parse_manifests_with(&all.join("---\n"), &ValidationContext::default(), Some(&fjord_gateway::manifest::GatewayKinds)).expect("test manifests are valid");
-        let mut ops = vec![];
-        for o in objs {
-            let (k, v) = match &o {
-                Object::Service(s) => (keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(s).unwrap()),
-                Object::EndpointSlice(e) => (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(e).unwrap()),
-                Object::Extension(x) => {
-                    let mut x = x.clone();
-                    let key = keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name);
-                    let prev: Option<serde_json::Value> = self.store.get(&key).await.unwrap().map(|kv| serde_json::from_slice(&kv.value).unwrap());
-                    x.carry_over(prev.as_ref(), "2026-01-01T00:00:00Z");
-                    (key, serde_json::to_vec(&x.value).unwrap())
-                }
-            };
-            ops.push(fjord_store::Op::put(k, v));
-        }
-        self.store.txn(fjord_store::Txn::when(vec![]).and_then(ops)).await.unwrap();
+        put_manifests(self.store.as_ref(), &all.join("---\n"), "2026-01-01T00:00:00Z").await;
         let report = self.ctl.sync().await.expect("sync");
         assert!(report.unavailable_ports.is_empty(), "{report:?}");
     }
