@@ -315,6 +315,20 @@ fn metric(text: &str, name_and_label: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>() as u64
 }
 
+/// One datagram from a fresh socket in `ns` connected to `addr`, and the answer (or the error
+/// the socket got, e.g. ECONNREFUSED from an ICMP port unreachable; WouldBlock after 3 s).
+fn connected_udp_query(ns: &std::path::Path, addr: SocketAddr) -> std::io::Result<usize> {
+    let u = udp_bind_in(ns, "0.0.0.0:0");
+    u.set_read_timeout(Some(Duration::from_secs(3)))?;
+    u.connect(addr)?;
+    u.send(b"q")?;
+    u.recv(&mut [0u8; 16])
+}
+
+fn refused(r: &std::io::Result<usize>) -> bool {
+    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 fn vip_of(svcs: &[serde_json::Value], name: &str) -> Ipv4Addr {
     svcs.iter().find(|s| s["metadata"]["name"] == name).unwrap_or_else(|| panic!("service {name}"))["spec"]["clusterIP"].as_str().unwrap().parse().unwrap()
 }
@@ -371,15 +385,8 @@ async fn hairpin_session_affinity_and_masquerade() {
     // the hairpin address) with port unreachable, which must reach solo's connected socket.
     let hairpin_udp = SocketAddr::new(solo_vip.into(), 54);
     for i in 0..3 {
-        let u = udp_bind_in(&sns, "0.0.0.0:0");
-        u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        u.connect(hairpin_udp).unwrap();
-        u.send(b"q").unwrap();
-        let got = u.recv(&mut [0u8; 16]);
-        assert!(
-            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
-            "try {i}: port unreachable about a hairpin flow reaches the pod's socket: {got:?}"
-        );
+        let got = connected_udp_query(&sns, hairpin_udp);
+        assert!(refused(&got), "try {i}: port unreachable about a hairpin flow reaches the pod's socket: {got:?}");
     }
 
     // sessionAffinity ClientIP: every connection of one client goes to the same backend
@@ -616,15 +623,8 @@ async fn nodeport_across_nodes(routing: &str) {
         (&cns, SocketAddr::new(np_vip.into(), 54)),
     ] {
         for i in 0..tries {
-            let u = udp_bind_in(ns, "0.0.0.0:0");
-            u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            u.connect(addr).unwrap();
-            u.send(b"q").unwrap();
-            let got = u.recv(&mut [0u8; 16]);
-            assert!(
-                matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
-                "{addr} try {i}: the backend's port unreachable must reach the client's socket as ECONNREFUSED: {got:?}"
-            );
+            let got = connected_udp_query(ns, addr);
+            assert!(refused(&got), "{addr} try {i}: the backend's port unreachable must reach the client's socket as ECONNREFUSED: {got:?}");
         }
     }
     let after = [events(&c.client_n(0).metrics().await.unwrap()), events(&c.client_n(1).metrics().await.unwrap())];
