@@ -117,47 +117,87 @@ async fn vxlan_routing_pods_talk_across_nodes() {
 async fn etcd_down_30s_keeps_forwarding_and_agents_resync_without_flushing() {
     let mut c = TestCluster::up_with(2, "etcd", "native").await;
     let a = pod::add(&c.state, Some("node1"), "default/a", BTreeMap::new()).await.unwrap();
-    let b = pod::add(&c.state, Some("node2"), "default/b", BTreeMap::new()).await.unwrap();
+    let b = pod::add(&c.state, Some("node2"), "default/b", [("app".to_string(), "db".to_string())].into()).await.unwrap();
     wait_routes(&c, 0, 1).await;
     let l = tcp_listen_in(&pod_netns(&b), "0.0.0.0:7200");
-    let srv = echo_server(l, 2);
+    // pod connections: conn, conn2; ClusterIP connections: before, during, with node2's agent
+    // restarted, after
+    let srv = echo_server(l, 6);
     let mut conn = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7200)).unwrap();
     assert_eq!(roundtrip(&mut conn, b"before").unwrap(), b"before");
+    // A ClusterIP whose only backend is b (on node2), used from a (on node1).
+    c.client_n(0).apply("apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec:\n  clusterIP: 10.96.0.90\n  selector: {app: db}\n  ports: [{port: 80, targetPort: 7200}]\n").await.unwrap();
+    let vip = SocketAddr::new(Ipv4Addr::new(10, 96, 0, 90).into(), 80);
+    let apis = [c.client_n(0), c.client_n(1)];
+    let frontends = |i: usize| {
+        let api = apis[i].clone();
+        async move { api.datapath_frontends().await.unwrap() }
+    };
+    let programmed = eventually(Duration::from_secs(20), || async {
+        let fe = frontends(0).await;
+        (fe.get("10.96.0.90:80/TCP").map(Vec::len) == Some(1)).then_some(fe)
+    })
+    .await
+    .expect("node1 programs the ClusterIP with b");
+    let via_vip = |what: &'static [u8]| {
+        let mut s = tcp_connect_in(&pod_netns(&a), vip).unwrap_or_else(|e| panic!("ClusterIP connect ({}): {e}", String::from_utf8_lossy(what)));
+        assert_eq!(roundtrip(&mut s, what).unwrap(), what);
+    };
+    via_vip(b"vip-before");
 
     let etcd = c.state.etcd.clone().unwrap();
     assert!(fjordctl::cluster::stop_etcd(&etcd, nix::sys::signal::Signal::SIGKILL).unwrap());
     let t0 = std::time::Instant::now();
-    // During the outage: the established flow and a new connection both work.
+    // During the outage: the established flow and new connections (to the pod and through the
+    // ClusterIP) all work.
     assert_eq!(roundtrip(&mut conn, b"etcd-down").unwrap(), b"etcd-down");
     let mut conn2 = tcp_connect_in(&pod_netns(&a), SocketAddr::new(b.ip.unwrap().into(), 7200)).expect("new connection during the outage");
     assert_eq!(roundtrip(&mut conn2, b"new-during-outage").unwrap(), b"new-during-outage");
+    via_vip(b"vip-during-outage");
     // A new pod cannot be added: a clear, retryable error.
     let e = pod::add(&c.state, Some("node1"), "default/x", BTreeMap::new()).await.unwrap_err().to_string();
     assert!(!e.is_empty());
     assert!(!netns::exists(&pod::netns_name(&c.state.name, "default", "x")), "failed add left its namespace");
-    // Stay down for 30 s, checking the datapath keeps its routes.
+    // An agent that starts while the store is unreachable waits for it (retrying with backoff)
+    // instead of exiting, and touches nothing meanwhile: node2's agent, killed and started again.
+    c.kill_agent(1).await;
+    let node2 = c.node_n(1).clone();
+    let pid2 = fjordctl::cluster::start_agent(&bin_dir(), &node2).unwrap();
+    // Stay down for 30 s, checking the datapath keeps its routes and services.
     while t0.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(routes_in(&netns::path(&c.node_n(0).netns)).await.iter().filter(|r| r.fjord).count(), 1, "route flushed while etcd was down");
         assert_eq!(roundtrip(&mut conn, b"still").unwrap(), b"still");
+        assert_eq!(frontends(0).await, programmed, "node1's services changed while etcd was down");
+        assert!(fjordctl::cluster::pid_alive(pid2), "node2's agent exited because the store was unreachable");
     }
+    via_vip(b"vip-agent-restarted");
+    let log2 = std::fs::read_to_string(node2.dir.join("agent.log")).unwrap();
+    let retries = log2.matches("store not reachable yet; retrying").count();
+    assert!(retries >= 3, "node2's agent should retry the store with backoff, saw {retries} retries");
     // etcd returns (same data dir): agents reconnect and resync.
     let pid = restart_etcd(&c);
     let mut st = c.home.load_cluster(&c.state.name).unwrap();
     st.etcd.as_mut().unwrap().pid = Some(pid);
+    st.nodes[1].agent_pid = Some(pid2);
     c.home.save_cluster(&st).unwrap();
     c.reload();
-    let client = c.client_n(0);
-    let ok = eventually(Duration::from_secs(60), || async {
-        let s = client.status().await.ok()?;
-        (s.store.healthy && s.nodes.len() == 2).then_some(())
-    })
-    .await;
-    assert!(ok.is_some(), "agent did not reconnect to etcd");
+    fjordctl::cluster::wait_for_agent(c.node_n(1), pid2).await.expect("node2's agent comes up once etcd is back");
+    for i in 0..2 {
+        let client = c.client_n(i);
+        let ok = eventually(Duration::from_secs(60), || async {
+            let s = client.status().await.ok()?;
+            (s.store.healthy && s.nodes.len() == 2).then_some(())
+        })
+        .await;
+        assert!(ok.is_some(), "node{}'s agent did not reconnect to etcd", i + 1);
+    }
     let x = eventually(Duration::from_secs(60), || async { pod::add(&c.state, Some("node1"), "default/y", BTreeMap::new()).await.ok() }).await.expect("pod add after etcd returned");
     assert!(x.ip.is_some());
     assert_eq!(roundtrip(&mut conn, b"after").unwrap(), b"after");
     assert_eq!(wait_routes(&c, 0, 1).await.len(), 1);
+    assert_eq!(frontends(0).await, programmed, "node1's resync changed its services");
+    via_vip(b"vip-after");
     drop((conn, conn2));
     srv.join().unwrap();
 }
@@ -187,12 +227,38 @@ async fn a_node_gone_for_good_leaves_every_other_node_after_its_lease() {
     for i in 0..3 {
         wait_routes(&c, i, 2).await;
     }
+    // A service with one backend on node1 and one on node3: every node programs both.
+    let web: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+    let w1 = pod::add(&c.state, Some("node1"), "default/w1", web.clone()).await.unwrap();
+    let w3 = pod::add(&c.state, Some("node3"), "default/w3", web).await.unwrap();
+    c.client_n(0).apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.81\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n").await.unwrap();
+    let backends = |i: usize| {
+        let api = c.client_n(i);
+        async move {
+            let mut b = api.datapath_frontends().await.ok()?.remove("10.96.0.81:80/TCP")?;
+            b.sort();
+            Some(b)
+        }
+    };
+    let both = {
+        let mut v = vec![format!("{}:8080", w1.ip.unwrap()), format!("{}:8080", w3.ip.unwrap())];
+        v.sort();
+        v
+    };
+    for i in 0..3 {
+        let got = eventually(Duration::from_secs(20), || async { backends(i).await.filter(|b| *b == both) }).await;
+        assert!(got.is_some(), "node{} programs both backends: {:?}", i + 1, backends(i).await);
+    }
     let dead = c.node_n(2).clone();
     // kill -9: no goodbye; only the lease (5 s in the dev cluster) removes it.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(dead.agent_pid.unwrap() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     for i in 0..2 {
         let routes = wait_routes(&c, i, 1).await;
         assert!(routes.iter().all(|r| r.dst != dead.pod_cidr), "route to the dead node left on node{}", i + 1);
+        // Its endpoints (published under its lease) leave the other nodes' datapaths too.
+        let only_w1 = vec![format!("{}:8080", w1.ip.unwrap())];
+        let got = eventually(Duration::from_secs(20), || async { backends(i).await.filter(|b| *b == only_w1) }).await;
+        assert!(got.is_some(), "node{} still sends to the dead node's pod: {:?}", i + 1, backends(i).await);
     }
     let st = c.client_n(0).status().await.unwrap();
     assert_eq!(st.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["node1", "node2"]);
