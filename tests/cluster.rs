@@ -249,6 +249,21 @@ async fn a_node_gone_for_good_leaves_every_other_node_after_its_lease() {
         let got = eventually(Duration::from_secs(20), || async { backends(i).await.filter(|b| *b == both) }).await;
         assert!(got.is_some(), "node{} programs both backends: {:?}", i + 1, backends(i).await);
     }
+    // `fjordctl get nodes -o json`: every node with its address, PodCIDR and health.
+    let get_nodes = || {
+        let out = c.fjordctl_cmd(&["get", "nodes", "-o", "json"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        v.into_iter().map(|n| (n["name"].as_str().unwrap().to_string(), n)).collect::<BTreeMap<_, _>>()
+    };
+    let nodes = get_nodes();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    for n in &c.state.nodes {
+        let row = &nodes[&n.name];
+        assert_eq!(row["addresses"][0], n.address.to_string(), "{row}");
+        assert_eq!(row["podCidr"], n.pod_cidr.to_string(), "{row}");
+        assert_eq!(row["health"], "Ready", "{row}");
+    }
     let dead = c.node_n(2).clone();
     // kill -9: no goodbye; only the lease (5 s in the dev cluster) removes it.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(dead.agent_pid.unwrap() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -262,6 +277,10 @@ async fn a_node_gone_for_good_leaves_every_other_node_after_its_lease() {
     }
     let st = c.client_n(0).status().await.unwrap();
     assert_eq!(st.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["node1", "node2"]);
+    let nodes = get_nodes();
+    assert_eq!(nodes["node1"]["health"], "Ready");
+    let h = nodes["node3"]["health"].as_str().unwrap();
+    assert!(h.starts_with("NotRegistered; NotReady"), "node3 after its lease: {h}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
