@@ -110,9 +110,20 @@ async fn agent_kill_9_and_restart_keeps_pods_flows_and_ips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netns_deleted_behind_the_agents_back_is_cleaned_up() {
     let c = TestCluster::up().await;
-    let a = pod::add(&c.state, None, "default/a", BTreeMap::new()).await.unwrap();
-    let z = pod::add(&c.state, None, "default/zombie", BTreeMap::new()).await.unwrap();
+    // Both pods back a service, so the zombie's endpoint must leave the datapath too.
+    let app: BTreeMap<String, String> = [("app".to_string(), "z".to_string())].into();
+    let a = pod::add(&c.state, None, "default/a", app.clone()).await.unwrap();
+    let z = pod::add(&c.state, None, "default/zombie", app).await.unwrap();
     let veth = c.client().attachments().await.unwrap().into_iter().find(|x| Some(x.ip) == z.ip).unwrap().host_veth;
+    c.client().apply("apiVersion: v1\nkind: Service\nmetadata: {name: z}\nspec:\n  clusterIP: 10.96.0.70\n  selector: {app: z}\n  ports: [{port: 80}]\n").await.unwrap();
+    let backends = || async {
+        let mut b = c.client().datapath_frontends().await.ok()?.remove("10.96.0.70:80/TCP")?;
+        b.sort();
+        Some(b)
+    };
+    let mut both = vec![format!("{}:80", a.ip.unwrap()), format!("{}:80", z.ip.unwrap())];
+    both.sort();
+    assert!(eventually(Duration::from_secs(20), || async { backends().await.filter(|b| *b == both) }).await.is_some(), "{:?}", backends().await);
     // The "runtime" crashes: the namespace goes away, no CNI DEL.
     netns::delete(&z.netns).unwrap();
     let client = c.client();
@@ -131,6 +142,9 @@ async fn netns_deleted_behind_the_agents_back_is_cleaned_up() {
     assert!(metrics.lines().any(|l| l.starts_with("fjord_zombie_cleanups_total") && l.trim_end().ends_with(" 1")), "{metrics}");
     let pods = pod::list(&c.state).await.unwrap();
     assert_eq!(pods.iter().find(|p| p.name == "zombie").unwrap().status, "NetworkLost");
+    // ... and its endpoint left the service.
+    let only_a = vec![format!("{}:80", a.ip.unwrap())];
+    assert!(eventually(Duration::from_secs(20), || async { backends().await.filter(|b| *b == only_a) }).await.is_some(), "zombie endpoint kept: {:?}", backends().await);
     // The healthy pod is untouched.
     assert_eq!(pods.iter().find(|p| p.name == "a").unwrap().ip, a.ip);
 
