@@ -1,6 +1,6 @@
 //! Convergence benchmark (issue: cluster mode): on a 3-node dev cluster with etcd, a
-//! ClusterIP service has N backend pods spread over the nodes while a client pod on every
-//! node keeps connecting to it. Backends are deleted one at a time (CNI DEL through the
+//! ClusterIP service has N+1 backend pods spread over the nodes while a client pod on every
+//! node keeps connecting to it. N backends are deleted one at a time (CNI DEL through the
 //! real plugin) and we measure, per deletion:
 //!   (a) CNI DEL started → the last node's datapath no longer holds the backend
 //!   (b) CNI DEL started → the last connection that still went to the deleted pod
@@ -32,11 +32,13 @@ fn main() {
     rt.block_on(run(n, smoke));
 }
 
+/// `n` backends are deleted one at a time; one more stays, so the service never runs empty.
 async fn run(n: usize, smoke: bool) {
+    let pods = n + 1;
     let c = TestCluster::up_with(3, "etcd", "native").await;
     let vip = SocketAddr::new(Ipv4Addr::new(10, 96, 0, 90).into(), 80);
     let mut backends = vec![];
-    for i in 0..n {
+    for i in 0..pods {
         let node = format!("node{}", i % 3 + 1);
         let p = pod::add(&c.state, Some(&node), &format!("default/web{i}"), [("app".to_string(), "web".to_string())].into()).await.unwrap();
         let l = tcp_listen_in(&pod_netns(&p), "0.0.0.0:8080");
@@ -64,14 +66,14 @@ async fn run(n: usize, smoke: bool) {
     let ready = eventually(Duration::from_secs(60), || async {
         for a in &agents {
             let f = a.datapath_frontends().await.ok()?;
-            if f.get(&key).map_or(0, |b| b.len()) != n {
+            if f.get(&key).map_or(0, |b| b.len()) != pods {
                 return None;
             }
         }
         Some(())
     })
     .await;
-    assert!(ready.is_some(), "not every node programmed {n} backends");
+    assert!(ready.is_some(), "not every node programmed {pods} backends");
     let rev0 = c.client_n(0).status().await.unwrap().store.revision;
 
     // Clients on every node connect continuously (bounded by the run).
@@ -109,7 +111,7 @@ async fn run(n: usize, smoke: bool) {
     let t_start = Instant::now();
     let mut conv_a = vec![];
     let mut dels: Vec<(Instant, String)> = vec![];
-    for p in backends.iter().take(n - 1) {
+    for p in backends.iter().take(n) {
         let ip = p.ip.unwrap();
         let t0 = Instant::now();
         pod::del(&c.state, &format!("default/{}", p.name)).await.unwrap();
@@ -172,7 +174,7 @@ async fn run(n: usize, smoke: bool) {
             }
         }
     }
-    println!("fjord convergence: 3 nodes (etcd, native routing), {n} backends, {} deleted one at a time, clients on every node", dels.len());
+    println!("fjord convergence: 3 nodes (etcd, native routing), {pods} backends, {} deleted one at a time, clients on every node", dels.len());
     let mut a = conv_a.clone();
     let mut b = conv_b.clone();
     let stats = |v: &mut Vec<f64>| {
