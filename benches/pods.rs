@@ -3,7 +3,7 @@
 //! print CNI ADD / DEL latency p50/p99/max and the agent's RSS with N pods.
 //!
 //! `cargo bench --bench pods` (root; bounded: N pods, default 100, `FJORD_BENCH_PODS`).
-//! Runs twice: with the eBPF datapath (default; every ADD attaches two TCX links) and with
+//! Runs twice: with the eBPF datapath (default; every ADD attaches two tc programs) and with
 //! `--datapath off` (the pod plumbing alone).
 //! Targets (issue #2): ADD p99 < 50 ms, agent RSS < 30 MiB with 100 pods.
 
