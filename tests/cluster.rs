@@ -284,7 +284,7 @@ async fn a_node_gone_for_good_leaves_every_other_node_after_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_cni_adds_never_share_an_ip_and_a_corrupt_node_record_is_skipped() {
+async fn concurrent_cni_adds_never_share_an_ip_and_corrupt_records_are_skipped() {
     let c = TestCluster::up_with(2, "etcd", "native").await;
     // 12 pods on node1 at once (each ADD a separate plugin process).
     let mut tasks = vec![];
@@ -304,18 +304,29 @@ async fn concurrent_cni_adds_never_share_an_ip_and_a_corrupt_node_record_is_skip
     let put = netns::run_async_in(&bad_ns, move || async move {
         let s = fjord_store::etcd::EtcdStore::connect(&fjord_store::etcd::EtcdOptions { endpoints: vec![endpoint], ..Default::default() }).await?;
         use fjord_store::Store;
-        s.put("/fjord/v1/nodes/garbage", b"{not json".to_vec(), None).await
+        s.put("/fjord/v1/nodes/garbage", b"{not json".to_vec(), None).await?;
+        s.put(&fjord_model::keys::service("default", "garbage"), b"{not json".to_vec(), None).await?;
+        s.put(&fjord_model::keys::endpointslice("default", "garbage"), b"[1,2".to_vec(), None).await
     })
     .await
     .unwrap();
     put.unwrap();
     // A change after it still gets applied: a third pod on node2 is reachable from node1.
     let a = pod::add(&c.state, Some("node1"), "default/a", BTreeMap::new()).await.unwrap();
-    let b = pod::add(&c.state, Some("node2"), "default/b", BTreeMap::new()).await.unwrap();
+    let b = pod::add(&c.state, Some("node2"), "default/b", [("app".to_string(), "b".to_string())].into()).await.unwrap();
     assert_eq!(wait_routes(&c, 0, 1).await[0].gateway, Some(c.node_n(1).address));
     assert_pods_talk(&a, &b, 7300);
+    // ... and so does a service applied after the corrupt service and slice records.
+    c.client_n(0).apply("apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec:\n  clusterIP: 10.96.0.91\n  selector: {app: b}\n  ports: [{port: 80, targetPort: 7301}]\n").await.unwrap();
+    let want = vec![format!("{}:7301", b.ip.unwrap())];
+    for i in 0..2 {
+        let api = c.client_n(i);
+        let got = eventually(Duration::from_secs(20), || async { api.datapath_frontends().await.ok()?.remove("10.96.0.91:80/TCP").filter(|x| *x == want) }).await;
+        assert!(got.is_some(), "node{} did not program the service next to the corrupt records", i + 1);
+    }
     let log = std::fs::read_to_string(c.node_n(0).dir.join("agent.log")).unwrap();
-    assert!(log.contains("skipping corrupt node record"), "corrupt record not reported");
+    assert!(log.contains("skipping corrupt node record"), "corrupt node record not reported");
+    assert!(log.contains("skipping corrupt record") && log.contains("/services/default/garbage"), "corrupt service record not reported");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
