@@ -54,22 +54,32 @@ fn sh(argv: &[&str]) {
     assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// An echo server (a thread per connection) on `l`.
-fn echo(l: TcpListener) {
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let _ = s.set_nodelay(true);
-            std::thread::spawn(move || {
-                let mut b = [0u8; 256];
-                while let Ok(n) = s.read(&mut b) {
-                    if n == 0 || s.write_all(&b[..n]).is_err() {
-                        break;
+static SERVERS: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+static PORTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// Echo servers on PORT..PORT+PORTS in namespace `ns`, on one shared 1-thread runtime.
+fn echo_in(ns: &std::path::Path) {
+    let n = PORTS.load(std::sync::atomic::Ordering::Relaxed);
+    let ls = fjord_net::netns::run_in(ns, || (0..n).map(|p| { let l = TcpListener::bind(("0.0.0.0", PORT + p as u16)).unwrap(); l.set_nonblocking(true).unwrap(); l }).collect::<Vec<_>>()).unwrap();
+    let rt = SERVERS.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap());
+    let _g = rt.enter();
+    for l in ls {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut b = [0u8; 256];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                            break;
+                        }
                     }
-                }
-            });
-        }
-    });
+                });
+            }
+        });
+    }
 }
 
 /// A plain node: client and server namespaces on veths to a node namespace, /32 routes
@@ -92,7 +102,7 @@ fn plain_node(cl: &mut Cleanup) -> (PathBuf, SocketAddr) {
         sh(&["ip", "-n", ns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
         sh(&["ip", "-n", ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0", "onlink"]);
     }
-    echo(tcp_listen_in(&fjord_net::netns::path(&sns), &format!("0.0.0.0:{PORT}")));
+    echo_in(&fjord_net::netns::path(&sns));
     (fjord_net::netns::path(&cns), SocketAddr::from(([10, 250, 0, 3], PORT)))
 }
 
@@ -108,7 +118,8 @@ async fn install_services(api: &fjord_api::AgentClient, n: usize) {
             let _ = write!(m, "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80}}]\n");
             let _ = write!(
                 m,
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{port: {PORT}}}]\nendpoints:\n"
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{port: {}}}]\nendpoints:\n",
+                PORT as usize + i % PORTS.load(std::sync::atomic::Ordering::Relaxed)
             );
             for b in 200..203 {
                 let _ = writeln!(m, "- addresses: [\"10.244.0.{b}\"]");
@@ -151,7 +162,7 @@ async fn fjord_node(cl: &mut Cleanup, i: usize, agent_args: &[&str], services: u
     }
     let server = pod::add(&st, None, "bench/server", BTreeMap::new()).await.expect("server pod");
     let client = pod::add(&st, None, "bench/client", BTreeMap::new()).await.expect("client pod");
-    echo(tcp_listen_in(&pod_netns(&server), &format!("0.0.0.0:{PORT}")));
+    echo_in(&pod_netns(&server));
     (pod_netns(&client), SocketAddr::new(server.ip.unwrap().into(), PORT))
 }
 
@@ -181,9 +192,17 @@ fn measure(ns: &PathBuf, to: SocketAddr, crr: usize, rr: usize, lat: &mut Lat) {
             rt(&mut s, &mut buf).expect("warm-up request");
         }
         let mut c = Vec::with_capacity(crr);
+        let nports = PORTS.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        let mut x: u64 = 0x9e3779b97f4a7c15 ^ (crr as u64);
         for _ in 0..crr {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let to = SocketAddr::new(to.ip(), PORT + (x % nports) as u16);
             let t = Instant::now();
-            let mut s = conn().expect("connect");
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("connect");
+            s.set_nodelay(true).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             rt(&mut s, &mut buf).expect("request/response");
             drop(s);
             c.push(t.elapsed().as_secs_f64() * 1e6);
@@ -212,6 +231,7 @@ fn main() {
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let crr = if smoke { 40 } else { env("FJORD_BENCH_CRR", 6000).clamp(ROUNDS, 60000) };
     let rr = if smoke { 40 } else { env("FJORD_BENCH_RR", 10000).clamp(ROUNDS, 100000) };
+    PORTS.store(if smoke { 3 } else { env("FJORD_BENCH_PORTS", 1).clamp(1, 1000) }, std::sync::atomic::Ordering::Relaxed);
     let services = if smoke { 20 } else { env("FJORD_BENCH_SERVICES", 10000).clamp(1, 10000) };
     let many = format!("fjord, tc, {services} services");
     let max_services = (services + 64).max(1024).to_string();
