@@ -508,6 +508,16 @@ pub struct Datapath {
     stash: Arc<TableStash>,
 }
 
+/// A map delete whose key was not there counts as done: aya reports that as the syscall's
+/// ENOENT, not as `KeyNotFound`.
+fn absent_ok(r: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}
+
 /// Addresses of this node's deleted pods (`fjord_gone`): the tc programs answer packets to
 /// them with a TCP RST / ICMP port unreachable, so a connection made straight to a pod that
 /// is gone (socket LB, or a direct pod IP) fails at once instead of hanging. The agent marks
@@ -522,10 +532,7 @@ impl GoneIps {
 
     /// Clears `ip` (no error if it was not marked).
     pub fn clear(&self, ip: Ipv4Addr) -> Result<()> {
-        match self.0.lock().unwrap().remove(&layout::be_addr(ip)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(MAP_GONE, "delete")(e)),
-        }
+        absent_ok(self.0.lock().unwrap().remove(&layout::be_addr(ip))).map_err(map_err(MAP_GONE, "delete"))
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
@@ -1466,10 +1473,7 @@ impl Datapath {
             let ids: Vec<u32> = extra.iter().map(|(i, _)| *i).collect();
             let done = delete_batch(outer_fd, &ids).map_or_else(|(d, _)| d, |()| ids.len());
             for id in &ids[done..] {
-                match self.maglev_map.remove(id) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(MAP_MAGLEV, format!("remove spare table {id}"))(e)),
-                }
+                absent_ok(self.maglev_map.remove(id)).map_err(map_err(MAP_MAGLEV, format!("remove spare table {id}")))?;
             }
             for id in &ids {
                 self.used_tables.remove(id);

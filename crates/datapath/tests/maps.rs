@@ -314,3 +314,21 @@ fn backend_ports_follow_the_backend_entries() {
     let dp = Datapath::load(cfg).expect("reload");
     assert_eq!(dp.backend_ports().unwrap(), vec![8080]);
 }
+
+#[test]
+fn deleted_pod_addresses_mark_clear_and_clear_again() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let dp = Datapath::load(small(&pins)).expect("load");
+    let gone = dp.gone_ips();
+    let ip = Ipv4Addr::new(10, 244, 1, 9);
+    // an address that was never marked (every new pod's address): clearing it is no error
+    gone.clear(ip).expect("clear an unmarked address");
+    gone.mark(ip).unwrap();
+    assert!(gone.contains(ip));
+    assert_eq!(gone.len().unwrap(), 1);
+    gone.clear(ip).unwrap();
+    assert!(!gone.contains(ip));
+    gone.clear(ip).expect("clear twice");
+    assert!(gone.is_empty());
+}
