@@ -13,7 +13,6 @@
 //! thread. Every run is bounded by
 //! time; all processes are killed on exit, also on panic.
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,7 +40,7 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    fjord_store::testing::free_loopback_port()
 }
 
 fn wait_port(port: u16, what: &str) {

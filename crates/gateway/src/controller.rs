@@ -646,7 +646,7 @@ endpoints:
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let echo_port = l.local_addr().unwrap().port();
         tokio::spawn(crate::echo::serve_echo(l, crate::echo::EchoOptions { pod: "one".into(), namespace: "app".into() }, std::future::pending::<()>()));
-        let gw_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let gw_port = fjord_store::testing::free_loopback_port();
         let gw_yaml = GW.replace("18001", &gw_port.to_string()).replace("  - {name: b, port: 18002, protocol: HTTP}\n", "");
         let mut docs = vec![svc_with_endpoint("one", echo_port), gw_yaml];
         docs.extend(extra.iter().cloned());
@@ -888,10 +888,7 @@ spec:
             ports.push(l.local_addr().unwrap().port());
             tokio::spawn(crate::echo::serve_echo(l, crate::echo::EchoOptions { pod: name.to_string(), namespace: "app".to_string() }, std::future::pending::<()>()));
         }
-        let gw_port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let gw_port = fjord_store::testing::free_loopback_port();
         let svc = |name: &str, port: u16| {
             format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n\

@@ -18,6 +18,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod testing;
 
 use async_trait::async_trait;
 use std::sync::Arc;

@@ -21,7 +21,7 @@ impl Drop for Etcd {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    fjord_store::testing::free_loopback_port()
 }
 
 fn etcd_bin() -> String {

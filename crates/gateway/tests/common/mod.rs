@@ -14,28 +14,9 @@ use hyper_util::rt::TokioExecutor;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// A loopback port for a gateway listener. Not a `bind(0)` port: those come from the kernel's
-/// ephemeral range, which the echo backends' `bind(0)` and every client connection draw from
-/// too, so a port released here could be taken again before the gateway binds it (tests run in
-/// parallel). These come from below the ephemeral range, are never handed out twice in this
-/// process, and were bindable when handed out.
+/// A loopback port for a server the test starts (see `fjord_store::testing`).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let (lo, hi) = (10_000u32, ephemeral_lo.max(12_000));
-    let span = hi - lo;
-    let start = std::process::id().wrapping_mul(7919) % span;
-    for _ in 0..span {
-        let p = (lo + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free loopback port in {lo}..{hi}");
+    fjord_store::testing::free_loopback_port()
 }
 
 pub async fn echo(pod: &str, ns: &str) -> SocketAddr {
