@@ -17,7 +17,7 @@ use fjord_e2e::*;
 use fjordctl::{cluster, context::Home, pod};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,27 +59,9 @@ static PORTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::n
 
 /// Echo servers on PORT..PORT+PORTS in namespace `ns`, on one shared 1-thread runtime.
 fn echo_in(ns: &std::path::Path) {
-    let n = PORTS.load(std::sync::atomic::Ordering::Relaxed);
-    let ls = fjord_net::netns::run_in(ns, || (0..n).map(|p| { let l = TcpListener::bind(("0.0.0.0", PORT + p as u16)).unwrap(); l.set_nonblocking(true).unwrap(); l }).collect::<Vec<_>>()).unwrap();
+    let n = PORTS.load(std::sync::atomic::Ordering::Relaxed) as u16;
     let rt = SERVERS.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap());
-    let _g = rt.enter();
-    for l in ls {
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
-        rt.spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut s, _)) = l.accept().await {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let mut b = [0u8; 256];
-                    while let Ok(n) = s.read(&mut b).await {
-                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-    }
+    echo_servers(rt.handle(), ns, PORT..PORT + n);
 }
 
 /// A plain node: client and server namespaces on veths to a node namespace, /32 routes
@@ -107,35 +89,12 @@ fn plain_node(cl: &mut Cleanup) -> (PathBuf, SocketAddr) {
 }
 
 /// `n` ClusterIP services (10.96.0.0/16 and up) × 3 backends that are not the measured pods
-/// (10.244.0.200–202, absent) but listen on the measured port, applied through the agent API.
+/// (10.244.0.200–202, absent) but listen on the measured ports, applied through the agent API.
 async fn install_services(api: &fjord_api::AgentClient, n: usize) {
-    use std::fmt::Write;
-    const CHUNK: usize = 1000; // the API takes bodies up to 2 MB
-    for start in (0..n).step_by(CHUNK) {
-        let mut m = String::new();
-        for i in start..(start + CHUNK).min(n) {
-            let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
-            let _ = write!(m, "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80}}]\n");
-            let _ = write!(
-                m,
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{port: {}}}]\nendpoints:\n",
-                PORT as usize + i % PORTS.load(std::sync::atomic::Ordering::Relaxed)
-            );
-            for b in 200..203 {
-                let _ = writeln!(m, "- addresses: [\"10.244.0.{b}\"]");
-            }
-        }
-        api.apply(&m).await.expect("apply services");
-    }
-    let t = Instant::now();
-    loop {
-        let fe = api.metrics().await.ok().and_then(|m| m.lines().find(|l| l.strip_prefix("fjord_datapath_frontends").is_some_and(|r| r.starts_with(['{', ' '])))?.rsplit(' ').next()?.parse::<f64>().ok());
-        if fe == Some(n as f64) {
-            return;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "the agent did not program {n} services: {fe:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ports = PORTS.load(std::sync::atomic::Ordering::Relaxed);
+    let absent: Vec<std::net::Ipv4Addr> = (200..203).map(|b| std::net::Ipv4Addr::new(10, 244, 0, b)).collect();
+    let vip = |i: usize| std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
+    apply_services(api, 0..n, |i| clusterip_manifest(&format!("s{i}"), vip(i), PORT + (i % ports) as u16, &absent), false, n).await;
 }
 
 /// A one-node dev cluster with `agent_args` and `services` services installed, a server pod

@@ -365,38 +365,6 @@ fn baseline(nss: &mut Netns, prefix: &str, tag: &str, k: u8, backends: &[(String
 
 // ---------------------------------------------------------------- backends and client
 
-/// Echo servers on ports BASE_PORT..BASE_PORT+ports in namespace `ns` (tokio tasks on `rt`).
-fn echo_servers(rt: &tokio::runtime::Runtime, ns: &Path, ports: usize) {
-    let listeners = fjord_net::netns::run_in(ns, || {
-        (0..ports)
-            .map(|p| {
-                let l = std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], BASE_PORT + p as u16))).expect("bind echo port");
-                l.set_nonblocking(true).unwrap();
-                l
-            })
-            .collect::<Vec<_>>()
-    })
-    .unwrap();
-    let _g = rt.enter();
-    for l in listeners {
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
-        rt.spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut s, _)) = l.accept().await {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 256];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-    }
-}
-
 #[derive(Default)]
 struct Lat {
     crr: Vec<f64>,
@@ -574,25 +542,6 @@ fn manifest(svcs: &[Svc], range: std::ops::Range<usize>, ready: &dyn Fn(usize, u
     m
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' '])).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-async fn wait_frontends(c: &fjord_api::AgentClient, n: usize, limit: Duration) -> Option<Duration> {
-    let t = Instant::now();
-    loop {
-        if let Ok(m) = c.metrics().await {
-            if metric(&m, "fjord_datapath_frontends") == Some(n as f64) {
-                return Some(t.elapsed());
-            }
-        }
-        if t.elapsed() > limit {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 /// Peak RSS (VmHWM) of process `pid` in bytes, 0 if unknown.
 fn peak_rss_of(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -653,7 +602,7 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
     let mut fj_backends = vec![];
     for j in 0..3 {
         let p = pod::add(&c.state, None, &format!("bench/backend{j}"), BTreeMap::new()).await.expect("backend pod");
-        echo_servers(servers, &pod_netns(&p), ports);
+        echo_servers(servers.handle(), &pod_netns(&p), BASE_PORT..BASE_PORT + ports as u16);
         fj_backends.push(p.ip.unwrap());
     }
     let fj_client = pod::add(&c.state, None, "bench/client", BTreeMap::new()).await.expect("client pod");
@@ -672,7 +621,7 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
         let name = format!("{prefix}-b{j}");
         let ns = nss.add(&name);
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        echo_servers(servers, &ns, ports);
+        echo_servers(servers.handle(), &ns, BASE_PORT..BASE_PORT + ports as u16);
         bl_backends.push((name, Ipv4Addr::new(10, 244, 250, 10 + j)));
     }
     let ipt = baseline(&mut nss, &prefix, "ipt", 1, &bl_backends);

@@ -105,33 +105,8 @@ fn run_child(cg: Option<&Path>, ns: &Path, server: Ipv4Addr, services: usize, pe
 
 /// Services `from..to` (apply, or delete), each with the echo pod as its only backend.
 async fn services(api: &fjord_api::AgentClient, server: Ipv4Addr, from: usize, to: usize, delete: bool) {
-    use std::fmt::Write;
-    for start in (from..to).step_by(1000) {
-        let mut m = String::new();
-        for i in start..(start + 1000).min(to) {
-            let _ = write!(m, "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: {}\n  ports: [{{port: 80}}]\n", vip(i));
-            let _ = write!(
-                m,
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{port: {}}}]\nendpoints:\n- addresses: [\"{server}\"]\n",
-                PORT as usize + i % PORTS
-            );
-        }
-        if delete {
-            api.delete_objects(&m).await.expect("delete services");
-        } else {
-            api.apply(&m).await.expect("apply services");
-        }
-    }
-    let want = if delete { from } else { to } as f64;
-    let t = Instant::now();
-    loop {
-        let fe = api.metrics().await.ok().and_then(|m| m.lines().find(|l| l.strip_prefix("fjord_datapath_frontends").is_some_and(|r| r.starts_with(['{', ' '])))?.rsplit(' ').next()?.parse::<f64>().ok());
-        if fe == Some(want) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "the agent did not reach {want} frontends: {fe:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let doc = |i: usize| clusterip_manifest(&format!("s{i}"), vip(i), PORT + (i % PORTS) as u16, &[server]);
+    apply_services(api, from..to, doc, delete, if delete { from } else { to }).await;
 }
 
 fn main() {
@@ -170,33 +145,7 @@ fn main() {
             let server = pod::add(&st, None, "bench/server", BTreeMap::new()).await.expect("server pod");
             let client = pod::add(&st, None, "bench/client", BTreeMap::new()).await.expect("client pod");
             let sip = server.ip.unwrap();
-            let listeners = fjord_net::netns::run_in(&pod_netns(&server), || {
-                (0..PORTS)
-                    .map(|p| {
-                        let l = std::net::TcpListener::bind(("0.0.0.0", PORT + p as u16)).unwrap();
-                        l.set_nonblocking(true).unwrap();
-                        l
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .unwrap();
-            for l in listeners {
-                let l = tokio::net::TcpListener::from_std(l).unwrap();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    while let Ok((mut s, _)) = l.accept().await {
-                        let _ = s.set_nodelay(true);
-                        tokio::spawn(async move {
-                            let mut b = [0u8; 256];
-                            while let Ok(k) = s.read(&mut b).await {
-                                if k == 0 || s.write_all(&b[..k]).await.is_err() {
-                                    break;
-                                }
-                            }
-                        });
-                    }
-                });
-            }
+            echo_servers(&tokio::runtime::Handle::current(), &pod_netns(&server), PORT..PORT + PORTS as u16);
             let cns = pod_netns(&client);
             let api = fjord_api::AgentClient::new(&st.nodes[0].api_socket);
             let sock0 = api.metrics().await.unwrap();

@@ -265,3 +265,86 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
 }
+
+/// Echo servers on `ports` in namespace `ns`, as tasks on the runtime `rt` (one task per
+/// listener and per connection): the benchmarks' backends.
+pub fn echo_servers(rt: &tokio::runtime::Handle, ns: &Path, ports: std::ops::Range<u16>) {
+    let listeners = netns::run_in(ns, || {
+        ports
+            .map(|p| {
+                let l = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], p))).expect("bind echo port");
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let _g = rt.enter();
+    for l in listeners {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// The value of metric `name` (without labels, or its first labelled series) in a Prometheus
+/// text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' '])).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until the agent's datapath holds `n` frontends; how long that took, or None after `limit`.
+pub async fn wait_frontends(c: &AgentClient, n: usize, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    loop {
+        if let Ok(m) = c.metrics().await {
+            if metric(&m, "fjord_datapath_frontends") == Some(n as f64) {
+                return Some(t.elapsed());
+            }
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A ClusterIP Service `bench/<name>` on port 80 and its EndpointSlice: `endpoints` on `target_port`.
+pub fn clusterip_manifest(name: &str, vip: std::net::Ipv4Addr, target_port: u16, endpoints: &[std::net::Ipv4Addr]) -> String {
+    let mut m = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+         addressType: IPv4\nports: [{{port: {target_port}}}]\nendpoints:\n"
+    );
+    for e in endpoints {
+        m.push_str(&format!("- addresses: [\"{e}\"]\n"));
+    }
+    m
+}
+
+/// Applies (or deletes) the services `range`, each written by `doc`, through the agent API in
+/// bodies of 1,000 (the API takes up to 2 MB), then waits until the datapath holds `expect`
+/// frontends.
+pub async fn apply_services(api: &AgentClient, range: std::ops::Range<usize>, doc: impl Fn(usize) -> String, delete: bool, expect: usize) {
+    for start in range.clone().step_by(1000) {
+        let m: String = (start..(start + 1000).min(range.end)).map(&doc).collect();
+        if delete {
+            api.delete_objects(&m).await.expect("delete services");
+        } else {
+            api.apply(&m).await.expect("apply services");
+        }
+    }
+    assert!(wait_frontends(api, expect, Duration::from_secs(120)).await.is_some(), "the agent did not reach {expect} frontends");
+}
