@@ -583,24 +583,7 @@ endpoints:
 
     /// Write manifests to the store as `fjordctl apply` does (generation carried over).
     async fn put_manifests(store: Arc<dyn Store>, text: String) {
-        let objs = parse_manifests_with(&text, &ValidationContext::default(), Some(&crate::manifest::GatewayKinds)).unwrap();
-        let mut ops = vec![];
-        for o in objs {
-            let (k, v) = match &o {
-                Object::Service(s) => (keys::service(&s.metadata.namespace, &s.metadata.name), serde_json::to_vec(s).unwrap()),
-                Object::EndpointSlice(e) => (keys::endpointslice(&e.metadata.namespace, &e.metadata.name), serde_json::to_vec(e).unwrap()),
-                Object::Extension(x) => {
-                    let mut x = x.clone();
-                    let key = keys::object(keys::resource_of_kind(&x.kind).unwrap(), x.namespace.as_deref().unwrap_or(""), &x.name);
-                    let prev = store.get(&key).await.unwrap();
-                    let prev: Option<serde_json::Value> = prev.map(|kv| serde_json::from_slice(&kv.value).unwrap());
-                    x.carry_over(prev.as_ref(), "2025-01-01T00:00:00Z");
-                    (key, serde_json::to_vec(&x.value).unwrap())
-                }
-            };
-            ops.push(Op::put(k, v));
-        }
-        store.txn(Txn::when(vec![]).and_then(ops)).await.unwrap();
+        crate::testing::put_manifests(store.as_ref(), &text, "2025-01-01T00:00:00Z").await;
     }
 
     fn svc_with_endpoint(name: &str, port: u16) -> String {

@@ -67,6 +67,7 @@ pub mod pool;
 pub mod proxy;
 pub mod resolver;
 pub mod table;
+pub mod testing;
 pub mod tls;
 
 pub use config::ObjectSet;

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use fjord_gateway::testing::put_manifests;
 
 struct Kill(Child);
 impl Drop for Kill {

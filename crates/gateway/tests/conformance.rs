@@ -82,6 +82,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use fjord_gateway::testing::put_manifests;
 use fjord_gateway::api::{find_condition, Condition};
 use fjord_gateway::StatusReport;
 use http_body_util::BodyExt;
