@@ -45,25 +45,33 @@ struct fj_svc_key {
 	__u8 pad;     /* must be 0 */
 };
 
-struct fj_svc_value {
-	__u32 service_id;    /* stable id of this frontend; also its rev_nat_id */
-	__u32 table_id;      /* which maglev table in fjord_maglev */
-	__u32 backend_count; /* 0 => no backend: TCP SYN gets a RST, UDP an ICMP port unreachable, rest dropped */
-	__u32 flags;         /* FJ_SVC_F_* */
-	__u32 affinity_timeout_s; /* sessionAffinity ClientIP: seconds a client sticks to its backend */
-	__u32 pad;           /* must be 0 */
-};
-
-#define FJ_SVC_F_AFFINITY 1 /* sessionAffinity: ClientIP (fjord_affinity) */
-#define FJ_SVC_F_EXTERNAL 2 /* NodePort / externalIP / LoadBalancer frontend: also reachable from the
-			     * node's underlay (fjord_from_net); remote backends get SNAT to the node */
-
 struct fj_backend {
 	__be32 ip;
 	__be16 port;
 	__u8 proto;
 	__u8 flags; /* reserved, 0 (whether a backend is local is decided by the node's PodCIDR in fj_config) */
 };
+
+/* Backends kept in the service entry itself (fj_svc_value.inline_be) */
+#define FJ_SVC_INLINE 8
+
+struct fj_svc_value {
+	__u32 service_id;    /* stable id of this frontend; also its rev_nat_id */
+	__u32 table_id;      /* which maglev table in fjord_maglev */
+	__u32 backend_count; /* 0 => no backend: TCP SYN gets a RST, UDP an ICMP port unreachable, rest dropped */
+	__u32 flags;         /* FJ_SVC_F_* */
+	__u32 affinity_timeout_s; /* sessionAffinity ClientIP: seconds a client sticks to its backend */
+	__u32 inline_count;  /* backend_count if it is <= FJ_SVC_INLINE, else 0 */
+	/* the frontend's active backends (the ones in its Maglev table), inline_count of them,
+	 * the rest zero: the socket LB picks from here, so a connect() to a random one of
+	 * 10,000 services touches one map element instead of five (services, Maglev outer
+	 * and inner map, backends) */
+	struct fj_backend inline_be[FJ_SVC_INLINE];
+};
+
+#define FJ_SVC_F_AFFINITY 1 /* sessionAffinity: ClientIP (fjord_affinity) */
+#define FJ_SVC_F_EXTERNAL 2 /* NodePort / externalIP / LoadBalancer frontend: also reachable from the
+			     * node's underlay (fjord_from_net); remote backends get SNAT to the node */
 
 struct fj_revnat {
 	__be32 vip;
@@ -158,7 +166,7 @@ struct fj_config {
 
 #define FJ_CFG_F_MASQUERADE 1 /* SNAT pod traffic leaving the cluster CIDR through the underlay */
 
-#define FJ_LAYOUT_VERSION 5
+#define FJ_LAYOUT_VERSION 6
 
 /* fjord_backend_ports: 32-bit words of port bits (65,536 ports) */
 #define FJ_PORT_WORDS 2048

@@ -9,8 +9,12 @@
  *   cgroup/sendmsg4     unconnected UDP sendto() to a service -> backend
  *   cgroup/recvmsg4     UDP source address shown as VIP:port again
  *   cgroup/getpeername4 getpeername() shows VIP:port again
- * The backend is chosen with the same Maglev tables as the tc path, by a hash
- * of the socket cookie; sessionAffinity ClientIP keeps the node's processes (one
+ * The backend is chosen by a hash of the socket cookie among the frontend's active
+ * backends, which the service entry holds itself when there are at most FJ_SVC_INLINE
+ * (else from its Maglev table, as the tc path does). A socket is translated once, at
+ * connect(), and keeps its backend, so the packet paths' need for Maglev (every node and
+ * every packet of a flow agree without shared state) does not arise here; Cilium's socket
+ * LB picks at random too. sessionAffinity ClientIP keeps the node's processes (one
  * client: the node address) on one backend. A service without backends makes a
  * host process's connect() fail (EPERM).
  * A socket in a pod (netns cookie other than the node's) is left untranslated when
@@ -43,6 +47,7 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 		return 1;
 	__u32 service_id = svc->service_id, table_id = svc->table_id, flags = svc->flags;
 	__u32 aff_timeout = svc->affinity_timeout_s, backend_count = svc->backend_count;
+	__u32 inline_count = svc->inline_count;
 	__u32 zero = 0;
 	struct fj_config *cfg = bpf_map_lookup_elem(&fjord_config, &zero);
 	if (!cfg || cfg->maglev_size == 0)
@@ -59,10 +64,24 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 	/* the node's processes are one client for sessionAffinity: the node address is
 	 * their source address toward the service */
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	__u32 bid = 0;
-	struct fj_backend *be = fj_pick(cfg, service_id, table_id, flags, aff_timeout, cfg->node_ip,
-					fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto), bpf_ktime_get_ns(), &bid);
-	if (!be) {
+	__u32 hash = fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto);
+	struct fj_backend b = {};
+	if (!(flags & FJ_SVC_F_AFFINITY) && inline_count > 0 && inline_count <= FJ_SVC_INLINE) {
+		/* the socket keeps its backend for its whole life, so nothing needs Maglev's
+		 * per-packet consistency here: pick among the active backends the service entry
+		 * holds itself (one copy, 8 bytes) */
+		__u32 idx = hash % inline_count;
+		/* clang drops the mask (it knows idx < 8); the verifier needs it */
+		asm volatile("%0 &= %1" : "+r"(idx) : "i"(FJ_SVC_INLINE - 1));
+		b = svc->inline_be[idx];
+	} else {
+		__u32 bid = 0;
+		struct fj_backend *be = fj_pick(cfg, service_id, table_id, flags, aff_timeout, cfg->node_ip, hash,
+						bpf_ktime_get_ns(), &bid);
+		if (be)
+			b = *be;
+	}
+	if (!b.ip) {
 		fj_count(FJ_STAT_ERROR);
 		return 1;
 	}
@@ -72,12 +91,12 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 		if (rn) {
 			rn->vip = sk.vip;
 			rn->port = sk.port;
-			rn->backend_ip = be->ip;
-			rn->backend_port = be->port;
+			rn->backend_ip = b.ip;
+			rn->backend_port = b.port;
 		}
 	}
-	ctx->user_ip4 = be->ip;
-	ctx->user_port = (__u32)be->port;
+	ctx->user_ip4 = b.ip;
+	ctx->user_port = (__u32)b.port;
 	fj_count(FJ_STAT_SOCK_LB);
 	return 1;
 }

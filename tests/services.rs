@@ -787,6 +787,63 @@ except ConnectionRefusedError:
     assert!(out.contains("Socket LB:") && out.contains(&pods_cg.display().to_string()), "status names the pods cgroup: {out}");
 }
 
+/// The socket LB picks among the backends a service entry holds itself (up to 8, equal
+/// weights) and uses the Maglev table beyond that. With 10 backends (table) and then 7 (the
+/// entry's list) every backend gets its share of 1,000 / 700 connections (expected 100 each;
+/// each within 50..150, > 5 standard deviations), the three deleted pods get none, and no
+/// connection fails or takes the tc path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_lb_spreads_over_every_backend_from_the_entry_or_the_table() {
+    let c = TestCluster::up_opts(1, "embedded", "native", vec![], true).await;
+    for i in 1..=10 {
+        let p = pod::add(&c.state, None, &format!("default/many{i}"), [("app".to_string(), "many".to_string())].into()).await.unwrap();
+        who_server(&pod_netns(&p), 8080, &p.name);
+    }
+    pod::add(&c.state, None, "default/client", BTreeMap::new()).await.unwrap();
+    c.client().apply("apiVersion: v1\nkind: Service\nmetadata: {name: many}\nspec:\n  selector: {app: many}\n  ports: [{port: 80, targetPort: 8080}]\n").await.unwrap();
+    let vip = vip_of(&c.client().services().await.unwrap(), "many");
+    let names = |n: usize| -> BTreeMap<String, usize> {
+        let script = format!(
+            "import socket\nfor _ in range({n}):\n    try: print(socket.create_connection(('{vip}', 80), 5).recv(64).decode().split()[0])\n    except OSError as e: print('error', e)\n"
+        );
+        let (code, out) = c.fjordctl(&["pod", "exec", "default/client", "--", "python3", "-c", &script]);
+        assert_eq!(code, 0, "{out}");
+        let mut m = BTreeMap::new();
+        for l in out.lines() {
+            *m.entry(l.to_string()).or_default() += 1;
+        }
+        m
+    };
+    eventually(Duration::from_secs(15), || async { (names(20).len() == 10).then_some(()) }).await.expect("all 10 backends answer");
+    let counters = |m: &str| ["sock_lb", "ct_new"].map(|e| metric(m, &format!("fjord_datapath_events{{event=\"{e}\"")));
+    let check = |got: &BTreeMap<String, usize>, want: &[String], n: usize| {
+        assert_eq!(got.keys().cloned().collect::<Vec<_>>(), want, "exactly these backends answer (no errors): {got:?}");
+        assert_eq!(got.values().sum::<usize>(), n);
+        assert!(got.values().all(|&k| (50..=150).contains(&k)), "every backend gets about 1/{} of {n}: {got:?}", want.len());
+    };
+    let all: Vec<String> = {
+        let mut v: Vec<String> = (1..=10).map(|i| format!("many{i}")).collect();
+        v.sort();
+        v
+    };
+    let before = counters(&c.client().metrics().await.unwrap());
+    check(&names(1000), &all, 1000);
+    let after = counters(&c.client().metrics().await.unwrap());
+    assert!(after[0] - before[0] >= 1000 && after[1] == before[1], "socket LB, no conntrack: {before:?} -> {after:?}");
+
+    for i in [2, 5, 9] {
+        pod::del(&c.state, &format!("default/many{i}")).await.unwrap();
+    }
+    let live: Vec<String> = all.iter().filter(|n| !["many2", "many5", "many9"].contains(&n.as_str())).cloned().collect();
+    eventually(Duration::from_secs(15), || async { (names(50).keys().cloned().collect::<Vec<_>>() == live).then_some(()) })
+        .await
+        .expect("the deleted backends leave the service");
+    let before = counters(&c.client().metrics().await.unwrap());
+    check(&names(700), &live, 700);
+    let after = counters(&c.client().metrics().await.unwrap());
+    assert!(after[0] - before[0] >= 700 && after[1] == before[1], "socket LB, no conntrack: {before:?} -> {after:?}");
+}
+
 /// With the socket LB a pod's connection goes straight to the backend's address, so when that
 /// backend pod is deleted no conntrack entry knows the flow. The datapath remembers the
 /// node's deleted pod addresses (`fjord_gone`) and answers packets to them: the TCP

@@ -48,7 +48,27 @@ pub struct SvcValue {
     pub backend_count: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
-    pub pad: u32,
+    /// `backend_count` if it is at most [`SVC_INLINE`], else 0
+    pub inline_count: u32,
+    /// the frontend's active backends (those of its Maglev table) when they fit, for the
+    /// socket LB; the rest zero
+    pub inline_be: [BackendValue; SVC_INLINE],
+}
+
+impl SvcValue {
+    /// The entry of a frontend whose active backends (those of its table) are `active`; they
+    /// are held inline when there are at most [`SVC_INLINE`] and `uniform` (equal weights:
+    /// a uniform pick among them matches the table).
+    pub fn new(service_id: u32, table_id: u32, flags: u32, affinity_timeout_s: u32, active: &[BackendAddr], uniform: bool) -> Self {
+        let mut v = SvcValue { service_id, table_id, backend_count: active.len() as u32, flags, affinity_timeout_s, ..Default::default() };
+        if uniform && active.len() <= SVC_INLINE {
+            v.inline_count = active.len() as u32;
+            for (slot, a) in v.inline_be.iter_mut().zip(active) {
+                *slot = BackendValue::new(a);
+            }
+        }
+        v
+    }
 }
 
 /// `struct fj_backend`
@@ -216,7 +236,9 @@ pub const CT_F_NONAT: u8 = 4;
 pub const SVC_F_AFFINITY: u32 = 1;
 pub const SVC_F_EXTERNAL: u32 = 2;
 pub const CFG_F_MASQUERADE: u32 = 1;
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
+/// Backends a service entry holds itself (`FJ_SVC_INLINE`).
+pub const SVC_INLINE: usize = 8;
 /// Slots per Maglev table chunk (`FJ_MAGLEV_CHUNK`): a table of M slots is an array of
 /// ceil(M / MAGLEV_CHUNK) chunks of MAGLEV_CHUNK backend ids.
 pub const MAGLEV_CHUNK: usize = 1024;
@@ -240,7 +262,7 @@ mod tests {
         check!(SvcValue, SIZEOF_FJ_SVC_VALUE, service_id => OFFSETOF_FJ_SVC_VALUE_SERVICE_ID,
             table_id => OFFSETOF_FJ_SVC_VALUE_TABLE_ID, backend_count => OFFSETOF_FJ_SVC_VALUE_BACKEND_COUNT,
             flags => OFFSETOF_FJ_SVC_VALUE_FLAGS, affinity_timeout_s => OFFSETOF_FJ_SVC_VALUE_AFFINITY_TIMEOUT_S,
-            pad => OFFSETOF_FJ_SVC_VALUE_PAD);
+            inline_count => OFFSETOF_FJ_SVC_VALUE_INLINE_COUNT, inline_be => OFFSETOF_FJ_SVC_VALUE_INLINE_BE);
         check!(BackendValue, SIZEOF_FJ_BACKEND, ip => OFFSETOF_FJ_BACKEND_IP, port => OFFSETOF_FJ_BACKEND_PORT,
             proto => OFFSETOF_FJ_BACKEND_PROTO, flags => OFFSETOF_FJ_BACKEND_FLAGS);
         check!(RevNat, SIZEOF_FJ_REVNAT, vip => OFFSETOF_FJ_REVNAT_VIP, port => OFFSETOF_FJ_REVNAT_PORT,
@@ -282,6 +304,7 @@ mod tests {
         assert_eq!(CT_DIR_REPLY as u64, c::FJ_CT_DIR_REPLY);
         assert_eq!(LAYOUT_VERSION as u64, c::FJ_LAYOUT_VERSION);
         assert_eq!(MAGLEV_CHUNK as u64, c::FJ_MAGLEV_CHUNK);
+        assert_eq!(SVC_INLINE as u64, c::FJ_SVC_INLINE);
         assert_eq!(MAGLEV_CHUNK * 4, c::SIZEOF_FJ_MAGLEV_CHUNK);
         assert_eq!(0, c::OFFSETOF_FJ_MAGLEV_CHUNK_BACKEND_ID);
         for (rust, cval) in [
@@ -334,5 +357,27 @@ mod tests {
         let b = BackendAddr { ip: "10.244.1.5".parse().unwrap(), port: 8080, protocol: Protocol::Udp };
         assert_eq!(BackendValue::new(&b).to_addr(), Some(b));
         assert_eq!(SvcKey { proto: 132, ..s }.to_service_key(), None);
+    }
+
+    #[test]
+    fn service_entries_hold_their_backends_when_they_fit() {
+        let addrs: Vec<BackendAddr> = (1..=9u8)
+            .map(|i| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, i), port: 8080, protocol: Protocol::Tcp })
+            .collect();
+        let v = SvcValue::new(7, 3, SVC_F_EXTERNAL, 0, &addrs[..3], true);
+        assert_eq!((v.service_id, v.table_id, v.backend_count, v.inline_count, v.flags), (7, 3, 3, 3, SVC_F_EXTERNAL));
+        assert_eq!(v.inline_be[..3].iter().map(|b| b.to_addr().unwrap()).collect::<Vec<_>>(), addrs[..3]);
+        assert!(v.inline_be[3..].iter().all(|b| *b == BackendValue::default()), "unused slots stay zero");
+        let full = SvcValue::new(7, 3, 0, 0, &addrs[..SVC_INLINE], true);
+        assert_eq!(full.inline_count as usize, SVC_INLINE);
+        // one more than fits: the socket LB uses the Maglev table
+        let over = SvcValue::new(7, 3, 0, 0, &addrs, true);
+        assert_eq!((over.backend_count, over.inline_count), (9, 0));
+        assert!(over.inline_be.iter().all(|b| *b == BackendValue::default()));
+        // unequal weights: only the table knows the shares
+        let weighted = SvcValue::new(7, 3, 0, 0, &addrs[..3], false);
+        assert_eq!((weighted.backend_count, weighted.inline_count), (3, 0));
+        let none = SvcValue::new(7, 0, 0, 0, &[], true);
+        assert_eq!((none.backend_count, none.inline_count), (0, 0));
     }
 }

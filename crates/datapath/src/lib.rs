@@ -404,6 +404,10 @@ struct Prepared {
     index_ids: Vec<u32>,
     table_id: u32,
     backend_count: u32,
+    /// the active backends (FrontendEntries::backends), for the service entry
+    active: Vec<BackendAddr>,
+    /// FrontendEntries::equal_weights
+    uniform: bool,
     /// the new table (None: no backends, or unchanged)
     inner: Option<MapData>,
     /// the table it replaces, to restore on failure
@@ -425,6 +429,8 @@ struct SvcState {
     table_id: u32,
     backend_ids: Vec<u32>,
     options: FrontendOptions,
+    /// the service entry as last written
+    value: SvcValue,
 }
 
 fn svc_flags(o: &FrontendOptions) -> (u32, u32) {
@@ -809,7 +815,7 @@ impl Datapath {
             self.next_service_id = self.next_service_id.max(v.service_id + 1);
             self.services.insert(
                 key,
-                SvcState { service: "<recovered>".into(), service_id: v.service_id, table_id: v.table_id, backend_ids: ids, options: options_of(&v) },
+                SvcState { service: "<recovered>".into(), service_id: v.service_id, table_id: v.table_id, backend_ids: ids, options: options_of(&v), value: v },
             );
         }
         // orphan tables (an update interrupted between table insert and switch)
@@ -885,6 +891,17 @@ impl Datapath {
         let st = self.services.get(key)?;
         let rev: StdHashMap<u32, BackendAddr> = self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
         Some(st.backend_ids.iter().filter_map(|id| rev.get(id).copied()).collect())
+    }
+
+    /// Reads back the backends the service entry of `key` holds itself for the socket LB
+    /// (`None`: it holds none and the socket LB uses the Maglev table: more than
+    /// `FJ_SVC_INLINE` backends, unequal weights, or no backend).
+    pub fn socket_lb_backends(&self, key: &ServiceKey) -> Result<Option<Vec<BackendAddr>>> {
+        let v = self.services_map.get(&SvcKey::new(key), 0).map_err(map_err(MAP_SERVICES, format!("get {key}")))?;
+        if v.inline_count == 0 {
+            return Ok(None);
+        }
+        Ok(Some(v.inline_be.iter().take(v.inline_count as usize).filter_map(|b| b.to_addr()).collect()))
     }
 
     /// Reads back the Maglev table the datapath uses for `key`: slot → backend.
@@ -1063,6 +1080,8 @@ impl Datapath {
             index_ids: Vec::new(),
             table_id: NO_TABLE,
             backend_count: fe.backends.len() as u32,
+            active: fe.backends.clone(),
+            uniform: fe.equal_weights,
             inner: None,
             previous: None,
             switched: false,
@@ -1321,20 +1340,15 @@ impl Datapath {
     fn commit(&mut self, p: Prepared) -> Result<()> {
         let key = p.key;
         let is_new = p.existing.is_none();
+        let (flags, affinity_timeout_s) = svc_flags(&p.options);
+        let v = SvcValue::new(p.service_id, p.table_id, flags, affinity_timeout_s, &p.active, p.uniform);
         let res = (|| -> Result<()> {
             if is_new {
                 self.revnat_map
                     .insert(p.service_id, RevNat::new(&key), 0)
                     .map_err(map_err(MAP_REVNAT, format!("insert rev-nat for {key}")))?;
             }
-            let (flags, affinity_timeout_s) = svc_flags(&p.options);
-            let v = SvcValue { service_id: p.service_id, table_id: p.table_id, backend_count: p.backend_count, flags, affinity_timeout_s, pad: 0 };
-            let unchanged = p.existing.as_ref().is_some_and(|s| {
-                s.table_id == p.table_id
-                    && s.options == p.options
-                    && s.backend_ids.len() == p.uniq.len()
-            }) && p.inner.is_none()
-                && p.pooled.is_none();
+            let unchanged = p.existing.as_ref().is_some_and(|s| s.value == v) && p.inner.is_none() && p.pooled.is_none();
             if !unchanged || is_new {
                 if let Err(e) = self.services_map.insert(SvcKey::new(&key), v, 0) {
                     if is_new {
@@ -1364,7 +1378,7 @@ impl Datapath {
         }
         self.services.insert(
             key,
-            SvcState { service: p.service.clone(), service_id: p.service_id, table_id: p.table_id, backend_ids: new_ids, options: p.options },
+            SvcState { service: p.service.clone(), service_id: p.service_id, table_id: p.table_id, backend_ids: new_ids, options: p.options, value: v },
         );
         if let Some(old) = p.existing {
             // the table was replaced in place (or the entry flipped to a pool table, or the

@@ -182,6 +182,9 @@ pub struct FrontendEntries {
     /// Terminating but still serving backends not in the table: they get no new flows but
     /// keep their established ones (the datapath keeps their entries).
     pub draining: Vec<BackendAddr>,
+    /// Every backend in `backends` has the same weight, so a uniform pick among them
+    /// spreads new connections as the table does (the socket LB's shortcut).
+    pub equal_weights: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -286,6 +289,7 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
         } else {
             vec![]
         };
+        let equal_weights = chosen.iter().all(|(_, w)| Some(w) == chosen.first().map(|(_, w)| w));
         let weighted: Vec<(String, u32)> = chosen.iter().map(|(a, w)| (a.maglev_key(), *w)).collect();
         // frontends of one service usually share their backends (ClusterIP and NodePort
         // on every node address, TCP and UDP of one port): build each distinct table once
@@ -304,6 +308,7 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
             maglev: table,
             options: fe.options,
             draining,
+            equal_weights,
         });
     }
     Ok(out)
@@ -414,8 +419,10 @@ mod tests {
     fn weights_shape_the_table() {
         let mut s = dns();
         s.frontends.truncate(1);
+        assert!(translate(&s, &cfg()).unwrap()[0].equal_weights);
         s.frontends[0].backends[0].weight = Some(3); // 10.244.1.6 → index 1 after sorting
         let out = translate(&s, &LbConfig::default()).unwrap();
+        assert!(!out[0].equal_weights, "the socket LB must not pick uniformly");
         let share = out[0].maglev.iter().filter(|&&i| i == 1).count() as f64 / out[0].maglev.len() as f64;
         assert!((share - 0.75).abs() < 0.01, "{share}");
         // weight 0: no new connections
