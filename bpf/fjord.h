@@ -61,7 +61,7 @@ struct fj_svc_value {
 	__u32 backend_count; /* 0 => no backend: TCP SYN gets a RST, UDP an ICMP port unreachable, rest dropped */
 	__u32 flags;         /* FJ_SVC_F_* */
 	__u32 affinity_timeout_s; /* sessionAffinity ClientIP: seconds a client sticks to its backend */
-	__u32 inline_count;  /* backend_count if it is <= FJ_SVC_INLINE, else 0 */
+	__u32 inline_count;  /* backend_count if it is <= FJ_SVC_INLINE and the weights are equal, else 0 */
 	/* the frontend's active backends (the ones in its Maglev table), inline_count of them,
 	 * the rest zero: the socket LB picks from here, so a connect() to a random one of
 	 * 10,000 services touches one map element instead of five (services, Maglev outer

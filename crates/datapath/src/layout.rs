@@ -48,7 +48,7 @@ pub struct SvcValue {
     pub backend_count: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
-    /// `backend_count` if it is at most [`SVC_INLINE`], else 0
+    /// `backend_count` if it is at most [`SVC_INLINE`] and the weights are equal, else 0
     pub inline_count: u32,
     /// the frontend's active backends (those of its Maglev table) when they fit, for the
     /// socket LB; the rest zero
