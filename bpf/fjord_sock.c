@@ -42,13 +42,13 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx, int connect)
 	sk.vip = ctx->user_ip4;
 	sk.port = (__be16)ctx->user_port;
 	sk.proto = proto;
-	/* a connect() (translated once, for the socket's life) picks from the entry's own
-	 * list, copied right after the lookup (an update may reuse the element) */
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	__u32 hash = fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto);
 	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
 	if (!svc)
-		return 1;
+		return 1; /* not a service: no cookie, no hash */
+	/* a connect() (translated once, for the socket's life) picks from the entry's own
+	 * list, copied right away (an update may reuse the element) */
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u32 hash = fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto);
 	struct fj_backend b = {};
 	__u32 inline_count = svc->inline_count;
 	if (connect && inline_count > 0 && inline_count <= FJ_SVC_INLINE) {
