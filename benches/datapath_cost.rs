@@ -1,7 +1,8 @@
 //! What fjord's eBPF datapath costs traffic that needs no translation: direct pod-to-pod
 //! connections (a pod IP, as the socket LB leaves them) on a one-node dev cluster, against
 //! the same two pods on a plain node (veths and /32 routes, nothing attached) and on fjord
-//! nodes with `--datapath off` (fjord's plumbing alone) and with `--attach-mode tcx`.
+//! nodes with `--datapath off` (fjord's plumbing alone), with `--host-routing legacy` (the node's
+//! kernel routes between the pods instead of eBPF host routing) and with `--attach-mode tcx`.
 //!
 //! This is the "direct, fjord node" vs "direct pod IP" gap of the services bench, measured
 //! alone: one client pod and one echo pod per node, a single port, rows interleaved in
@@ -203,6 +204,7 @@ fn main() {
     for (i, (label, args, n)) in [
         ("fjord, --datapath off", &["--datapath", "off"][..], 0),
         ("fjord, tc (default)", &[][..], 0),
+        ("fjord, --host-routing legacy", &["--host-routing", "legacy"][..], 0),
         ("fjord, --attach-mode tcx", &["--attach-mode", "tcx"][..], 0),
         (many.as_str(), &["--max-services", max_services.as_str()][..], services),
     ]

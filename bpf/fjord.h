@@ -26,6 +26,8 @@
  *   fjord_config    ARRAY[1]    __u32 0       -> fj_config      maglev_size etc., written by the loader
  *   fjord_stats     PERCPU_ARRAY __u32 FJ_STAT_* -> __u64       datapath counters
  *   fjord_affinity  LRU_HASH    fj_affinity_key -> fj_affinity_value  sessionAffinity ClientIP
+ *   fjord_pod_ifs   HASH        __u32 ifindex -> __u32 (1)       host-side veths of this node's pods:
+ *                               the devices eBPF host routing may deliver into (bpf_redirect_peer)
  *   fjord_sock_rn   SK_STORAGE  per socket -> fj_sock_revnat           socket-LB: the service a
  *                               socket was connected to (restored by getpeername/recvmsg)
  */
@@ -165,6 +167,7 @@ struct fj_config {
 };
 
 #define FJ_CFG_F_MASQUERADE 1 /* SNAT pod traffic leaving the cluster CIDR through the underlay */
+#define FJ_CFG_F_HOST_ROUTING 2 /* eBPF host routing: deliver pod-to-local-pod packets with bpf_redirect_peer */
 
 #define FJ_LAYOUT_VERSION 6
 
@@ -201,7 +204,8 @@ enum fj_stat {
 	FJ_STAT_SOCK_TO_TC = 17, /* pod connect()/sendmsg() left to the veth's tc program (affinity, no backend) */
 	FJ_STAT_GONE = 18,       /* packets to a deleted pod's address answered with TCP RST / ICMP unreachable */
 	FJ_STAT_ICMP_ERR = 19,   /* ICMP errors about service flows translated back for the client */
-	FJ_STAT_MAX = 20,
+	FJ_STAT_HOST_ROUTED = 20, /* packets delivered straight into a local pod's namespace (eBPF host routing) */
+	FJ_STAT_MAX = 21,
 };
 
 /* fjord_stats has room for this many counters, so adding one changes no map layout */

@@ -13,6 +13,8 @@
  *          its source rewritten to the hairpin address and the packet is sent back.
  *       A TCP SYN to a service without backends is answered with a TCP RST, a UDP
  *       datagram with ICMP port unreachable; other such packets are dropped.
+ *       Whatever leaves fjord_from_pod for a pod of this node (translated or not) is
+ *       handed straight to that pod's namespace (eBPF host routing, fj_local_deliver).
  *   fjord_to_pod    (egress of every pod's host-side veth: packets toward the pod)
  *       reply-direction conntrack lookup -> reverse NAT source back to the service.
  *   fjord_from_net  (ingress of the node's underlay device and its VXLAN device)
@@ -851,6 +853,56 @@ static __always_inline int fj_to_gone_pod(struct __sk_buff *skb, struct fj_tuple
 	return fj_reply_rst(skb);
 }
 
+/* eBPF host routing (FJ_CFG_F_HOST_ROUTING; Cilium's "Host Routing: BPF"): a packet from a
+ * pod to a pod of this node goes from the sender's veth straight into the receiver's
+ * namespace with bpf_redirect_peer, instead of up the node's IP stack (routing, forwarding)
+ * and through a second backlog queue at the receiver's veth. The FIB lookup the kernel
+ * would do finds the device and the MACs; only this node's pod veths (fjord_pod_ifs) are
+ * targets. Falls back to the kernel's path (TC_ACT_OK) when the neighbour is not resolved
+ * yet, the packet is too big for the device, the TTL would expire, or the device is not a
+ * pod's. The TTL is decremented as the kernel's forwarding would. The receiver's fjord_to_pod
+ * does not run then: it has nothing to do for packets from local pods. */
+static __always_inline int fj_local_deliver(struct __sk_buff *skb, struct fj_config *cfg)
+{
+	if (!(cfg->flags & FJ_CFG_F_HOST_ROUTING))
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_OK;
+	__be32 daddr = ip->daddr;
+	if (!cfg->pod_mask || (daddr & cfg->pod_mask) != cfg->pod_net || ip->ttl <= 1)
+		return TC_ACT_OK;
+	struct bpf_fib_lookup p = {};
+	p.family = 2; /* AF_INET */
+	p.ipv4_src = ip->saddr;
+	p.ipv4_dst = daddr;
+	p.ifindex = skb->ingress_ifindex;
+	/* tot_len 0: the helper checks the skb against the device's MTU (GSO-aware) */
+	if (bpf_fib_lookup(skb, &p, sizeof(p), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_ACT_OK;
+	__u32 oif = p.ifindex;
+	if (!bpf_map_lookup_elem(&fjord_pod_ifs, &oif))
+		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_OK;
+	__builtin_memcpy(eth->h_dest, p.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, p.smac, ETH_ALEN);
+	/* the kernel's ip_decrease_ttl: TTL is the high byte of its 16-bit word */
+	__u32 c = ip->check;
+	c += bpf_htons(0x0100);
+	ip->check = (__sum16)(c + (c >= 0xFFFF));
+	ip->ttl--;
+	fj_count(FJ_STAT_HOST_ROUTED);
+	return bpf_redirect_peer(oif, 0);
+}
+
 SEC("classifier")
 int fjord_from_pod(struct __sk_buff *skb)
 {
@@ -869,8 +921,10 @@ int fjord_from_pod(struct __sk_buff *skb)
 	fj_ct_key_of(&ck, t.saddr, t.daddr, t.sport, t.dport, t.proto, FJ_CT_DIR_REPLY);
 	if (fj_is_backend_port(t.sport)) {
 		struct fj_ct_value *ct = bpf_map_lookup_elem(&fjord_ct, &ck);
-		if (ct)
-			return fj_do_reply(skb, &t, ct, cfg, now, 0);
+		if (ct) {
+			int r = fj_do_reply(skb, &t, ct, cfg, now, 0);
+			return r == TC_ACT_OK ? fj_local_deliver(skb, cfg) : r;
+		}
 	}
 
 	/* 2. to a service address? (the small services map before the big conntrack map:
@@ -900,18 +954,17 @@ int fjord_from_pod(struct __sk_buff *skb)
 		}
 		/* a deleted pod of this node (e.g. a backend the socket LB connected to) */
 		int g = fj_to_gone_pod(skb, &t, cfg);
-		return g >= 0 ? g : TC_ACT_OK;
+		return g >= 0 ? g : fj_local_deliver(skb, cfg);
 	}
 
 	/* 3. an established service flow (a flow whose service is gone passed above, as
 	 * it would after a reselection found no service) */
 	int rc = fj_established(skb, &t, &ck, cfg, now, 0);
-	if (rc >= 0)
-		return rc;
-
-	/* 4. a new flow */
-	return fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
-			   svc->affinity_timeout_s, 0);
+	if (rc < 0)
+		/* 4. a new flow */
+		rc = fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
+				 svc->affinity_timeout_s, 0);
+	return rc == TC_ACT_OK ? fj_local_deliver(skb, cfg) : rc;
 }
 
 SEC("classifier")

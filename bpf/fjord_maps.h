@@ -111,6 +111,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fjord_gone SEC(".maps");
 
+/* ifindex of the host-side veth of each of this node's pods (written when fjord attaches to
+ * it, removed when it detaches). eBPF host routing only hands a packet to a device in here:
+ * bpf_redirect_peer into anything else (the underlay, a tunnel) would be wrong or a drop. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fjord_pod_ifs SEC(".maps");
+
 /* Ports (host order) some backend listens on: bit (port & 31) of word (port >> 5). A packet
  * from a pod can only be the reply of a service flow if its source port is a backend port,
  * so the per-packet reply-direction conntrack lookup is skipped for every other packet

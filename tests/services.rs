@@ -785,6 +785,10 @@ except ConnectionRefusedError:
     let (code, out) = c.fjordctl(&["status", "--verbose"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Socket LB:") && out.contains(&pods_cg.display().to_string()), "status names the pods cgroup: {out}");
+    // the pod-to-pod packets of all of the above went veth to veth (eBPF host routing)
+    assert!(out.contains("Host Routing:     BPF"), "{out}");
+    let routed = metric(&c.client().metrics().await.unwrap(), "fjord_datapath_events{event=\"host_routed\"");
+    assert!(routed >= 100, "pod-to-pod packets delivered by bpf_redirect_peer: {routed}");
 }
 
 /// The socket LB picks among the backends a service entry holds itself (up to 8, equal

@@ -309,13 +309,15 @@ impl Agent {
         let r = tokio::task::spawn_blocking(move || {
             let dp = dp.lock().unwrap();
             let mode = format!("{:?}", dp.config().attach).to_lowercase();
+            let host_routing = if dp.config().host_routing { "BPF" } else { "Legacy" };
             let cgroups: Vec<String> = dp.socket_lb_cgroups().iter().map(|c| c.display().to_string()).collect();
-            (dp.config().pin_dir.display().to_string(), dp.attached(), dp.map_stats(), dp.counters(), mode, dp.attachments(), cgroups)
+            (dp.config().pin_dir.display().to_string(), dp.attached(), dp.map_stats(), dp.counters(), mode, dp.attachments(), cgroups, host_routing)
         })
         .await;
         match r {
-            Ok((pin, attached, maps, counters, mode, detail, cgroups)) => {
+            Ok((pin, attached, maps, counters, mode, detail, cgroups, host_routing)) => {
                 st.pin_dir = pin;
+                st.host_routing = host_routing.into();
                 st.socket_lb_cgroups = cgroups;
                 st.attached = attached;
                 st.attach_mode = mode;

@@ -79,6 +79,12 @@ struct Args {
     /// period, 7-43 ms measured).
     #[arg(long, env = "FJORD_ATTACH_MODE", default_value = "tc", value_parser = ["tc", "tcx"])]
     attach_mode: String,
+    /// How packets between pods of this node are delivered: ebpf (the sender's veth program
+    /// hands them straight into the receiver's namespace with bpf_redirect_peer, skipping the
+    /// node's IP stack; Cilium's "Host Routing: BPF") or legacy (the node's kernel routes
+    /// them). Traffic to other nodes and the outside is routed by the kernel either way.
+    #[arg(long, env = "FJORD_HOST_ROUTING", default_value = "ebpf", value_parser = ["ebpf", "legacy"])]
+    host_routing: String,
     /// Masquerade in eBPF: pod traffic to destinations outside --cluster-cidr leaves through
     /// the underlay with the node's address (like Cilium's bpf.masquerade=true).
     #[arg(long, env = "FJORD_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -356,6 +362,7 @@ async fn run(args: Args) -> Result<()> {
         };
         cfg.table_pool = args.maglev_table_pool;
         cfg.attach = args.attach_mode.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        cfg.host_routing = args.host_routing == "ebpf";
         cfg.snat_ports = args.snat_port_range;
         cfg.timeouts = fjord_datapath::CtTimeouts {
             tcp_syn: secs(args.ct_timeout_tcp_syn),

@@ -458,6 +458,11 @@ async fn status(cl: &fjordctl::context::ClusterState, a: &StatusArgs) -> Result<
             println!("    Hooks:            {mode}: {pods} pod veths (ingress from_pod, egress to_pod); node devices {} \
                 (ingress from_net: NodePort/externalIPs + SNAT replies; egress to_net: masquerade); no iptables rules",
                 if devs.is_empty() { "none".to_string() } else { devs.join(", ") });
+            match dp["hostRouting"].as_str() {
+                Some("BPF") => println!("    Host Routing:     BPF (pod to pod on this node: bpf_redirect_peer from the sender's veth, no node IP stack)"),
+                Some(m) if !m.is_empty() => println!("    Host Routing:     {m} (the node's kernel routes pod to pod)"),
+                _ => {}
+            }
             let cgs: Vec<&str> = dp["socketLbCgroups"].as_array().map_or(vec![], |a| a.iter().filter_map(|d| d.as_str()).collect());
             if !cgs.is_empty() {
                 println!("    Socket LB:        cgroup connect4/sendmsg4/recvmsg4/getpeername4 on {}", cgs.join(", "));

@@ -236,6 +236,7 @@ pub const CT_F_NONAT: u8 = 4;
 pub const SVC_F_AFFINITY: u32 = 1;
 pub const SVC_F_EXTERNAL: u32 = 2;
 pub const CFG_F_MASQUERADE: u32 = 1;
+pub const CFG_F_HOST_ROUTING: u32 = 2;
 pub const LAYOUT_VERSION: u32 = 6;
 /// Backends a service entry holds itself (`FJ_SVC_INLINE`).
 pub const SVC_INLINE: usize = 8;
@@ -319,6 +320,7 @@ mod tests {
             (SVC_F_AFFINITY as u64, c::FJ_SVC_F_AFFINITY),
             (SVC_F_EXTERNAL as u64, c::FJ_SVC_F_EXTERNAL),
             (CFG_F_MASQUERADE as u64, c::FJ_CFG_F_MASQUERADE),
+            (CFG_F_HOST_ROUTING as u64, c::FJ_CFG_F_HOST_ROUTING),
         ] {
             assert_eq!(rust, cval);
         }
@@ -342,6 +344,7 @@ mod tests {
         assert_eq!(crate::Stat::SockToTc as u64, c::FJ_STAT_SOCK_TO_TC);
         assert_eq!(crate::Stat::Gone as u64, c::FJ_STAT_GONE);
         assert_eq!(crate::Stat::IcmpErr as u64, c::FJ_STAT_ICMP_ERR);
+        assert_eq!(crate::Stat::HostRouted as u64, c::FJ_STAT_HOST_ROUTED);
         assert!(c::FJ_STAT_MAX <= c::FJ_STAT_SLOTS, "fjord_stats has a slot for every counter");
         assert_eq!(crate::FJ_PORT_WORDS as u64, c::FJ_PORT_WORDS);
     }

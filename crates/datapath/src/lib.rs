@@ -52,10 +52,13 @@ pub const MAP_SOCK_RN: &str = "fjord_sock_rn";
 pub const MAP_AFFINITY: &str = "fjord_affinity";
 pub const MAP_GONE: &str = "fjord_gone";
 pub const MAP_BACKEND_PORTS: &str = "fjord_backend_ports";
+pub const MAP_POD_IFS: &str = "fjord_pod_ifs";
 /// Words of `fjord_backend_ports` (`FJ_PORT_WORDS`: 65,536 port bits)
 const FJ_PORT_WORDS: u32 = 2048;
 /// `max_entries` of `fjord_gone` (bpf/fjord_maps.h)
 pub const GONE_ENTRIES: u32 = 4096;
+/// `max_entries` of `fjord_pod_ifs` (bpf/fjord_maps.h)
+pub const POD_IFS_ENTRIES: u32 = 65536;
 pub const ALL_MAPS: [&str; 9] =
     [MAP_SERVICES, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_CT, MAP_CONFIG, MAP_STATS, MAP_SOCK_RN, MAP_AFFINITY];
 /// Socket-LB programs (cgroup hooks) in BPF_SOCK_OBJECT.
@@ -106,10 +109,11 @@ pub enum Stat {
     SockToTc = 17,
     Gone = 18,
     IcmpErr = 19,
+    HostRouted = 20,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 20] = [
+    pub const ALL: [Stat; 21] = [
         Stat::Dnat,
         Stat::Revnat,
         Stat::CtNew,
@@ -130,6 +134,7 @@ impl Stat {
         Stat::SockToTc,
         Stat::Gone,
         Stat::IcmpErr,
+        Stat::HostRouted,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -153,6 +158,7 @@ impl Stat {
             Stat::SockToTc => "sock_to_tc",
             Stat::Gone => "to_deleted_pod",
             Stat::IcmpErr => "icmp_error_nat",
+            Stat::HostRouted => "host_routed",
         }
     }
 }
@@ -254,6 +260,11 @@ pub struct DatapathConfig {
     /// Source address of hairpinned flows (a pod reaching itself through a
     /// service sees this as the client). Link-local, like Cilium's 169.254.42.1.
     pub hairpin_ip: std::net::Ipv4Addr,
+    /// eBPF host routing (Cilium's "Host Routing: BPF"): packets from a pod to a pod of this
+    /// node go from the sender's veth straight into the receiver's namespace
+    /// (bpf_redirect_peer) instead of through the node's IP stack. Off: the kernel routes
+    /// them ("Legacy").
+    pub host_routing: bool,
 }
 
 /// Interface attach mechanism for the tc programs.
@@ -329,6 +340,7 @@ impl DatapathConfig {
             snat_ports: (61000, 65535),
             table_pool: 32,
             hairpin_ip: std::net::Ipv4Addr::new(169, 254, 42, 1),
+            host_routing: true,
         }
     }
 
@@ -481,6 +493,8 @@ pub struct Datapath {
     config_map: Array<MapData, Config>,
     affinity_map: HashMap<MapData, AffinityKey, AffinityValue>,
     gone: Arc<GoneIps>,
+    /// host-side veths of this node's pods (`fjord_pod_ifs`): eBPF host routing's targets
+    pod_ifs_map: HashMap<MapData, u32, u32>,
     /// `fjord_backend_ports` and how many backend entries use each port
     backend_ports_map: Array<MapData, u32>,
     port_refs: StdHashMap<u16, u32>,
@@ -702,6 +716,7 @@ impl Datapath {
         let affinity_map: HashMap<MapData, AffinityKey, AffinityValue> = take(&mut ebpf, MAP_AFFINITY)?;
         let gone = Arc::new(GoneIps(Mutex::new(take(&mut ebpf, MAP_GONE)?)));
         let backend_ports_map: Array<MapData, u32> = take(&mut ebpf, MAP_BACKEND_PORTS)?;
+        let pod_ifs_map: HashMap<MapData, u32, u32> = take(&mut ebpf, MAP_POD_IFS)?;
         let mut cur = config.get(&0, 0).map_err(map_err(MAP_CONFIG, "read"))?;
         if cur.maglev_size == 0 {
             cur = Config { maglev_size: cfg.maglev_size, max_tables, version: LAYOUT_VERSION, ..Config::default() };
@@ -728,6 +743,11 @@ impl Datapath {
         cur.tcp_established_s = cfg.timeouts.tcp_established;
         cur.tcp_closing_s = cfg.timeouts.tcp_closing;
         cur.udp_s = cfg.timeouts.udp;
+        if cfg.host_routing {
+            cur.flags |= layout::CFG_F_HOST_ROUTING;
+        } else {
+            cur.flags &= !layout::CFG_F_HOST_ROUTING;
+        }
         // the namespace this datapath serves (the node's): the socket LB tells its
         // host-network processes from pods by it
         cur.host_netns_cookie = own_netns_cookie().map_err(|source| DatapathError::NetnsCookie { source })?;
@@ -747,6 +767,7 @@ impl Datapath {
             affinity_map,
             gone,
             backend_ports_map,
+            pod_ifs_map,
             port_refs: StdHashMap::new(),
             backend_addrs: StdHashMap::new(),
             max_tables,
@@ -1659,8 +1680,21 @@ impl Datapath {
     /// AttachMode::Tc (default) adds a clsact qdisc and cls_bpf filters and
     /// records the attachment as a directory under `<pin_dir>/links/`;
     /// AttachMode::Tcx creates TCX links pinned there.
+    /// The interface becomes a target of eBPF host routing (`fjord_pod_ifs`).
     pub fn attach(&mut self, iface: &str) -> Result<()> {
-        self.attach_progs(iface, &[(PROG_FROM_POD, TcAttachType::Ingress), (PROG_TO_POD, TcAttachType::Egress)])
+        self.attach_progs(iface, &[(PROG_FROM_POD, TcAttachType::Ingress), (PROG_TO_POD, TcAttachType::Egress)])?;
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|_| DatapathError::NoSuchInterface { iface: iface.into() })?;
+        self.pod_ifs_map.insert(ifindex, 1, 0).map_err(map_err(MAP_POD_IFS, "insert"))
+    }
+
+    /// ifindexes of the pod veths eBPF host routing delivers to (`fjord_pod_ifs`), sorted.
+    pub fn host_routing_targets(&self) -> Result<Vec<u32>> {
+        let mut v = Vec::new();
+        for k in self.pod_ifs_map.keys() {
+            v.push(k.map_err(map_err(MAP_POD_IFS, "iterate keys"))?);
+        }
+        v.sort_unstable();
+        Ok(v)
     }
 
     /// Attaches the node-side programs to the node's underlay device (or its
@@ -1787,7 +1821,11 @@ impl Datapath {
 
     /// Removes one recorded attachment: a tc filter record (directory; the
     /// filter is deleted if the interface still exists) or a pinned TCX link.
-    fn remove_attachment(&self, dir: &str, iface: &str, path: &Path, iface_exists: bool) -> Result<()> {
+    fn remove_attachment(&mut self, dir: &str, ifindex: u32, iface: &str, path: &Path, iface_exists: bool) -> Result<()> {
+        if dir == "ingress" {
+            // no longer a pod of ours: eBPF host routing stops delivering to it first
+            absent_ok(self.pod_ifs_map.remove(&ifindex)).map_err(map_err(MAP_POD_IFS, "delete"))?;
+        }
         if path.is_dir() {
             if iface_exists {
                 let ty = if dir == "ingress" { TcAttachType::Ingress } else { TcAttachType::Egress };
@@ -1818,10 +1856,10 @@ impl Datapath {
         let dir = self.cfg.pin_dir.join("links");
         let mut found = false;
         let exists = nix::net::if_::if_nametoindex(iface).is_ok();
-        for (d, _, name, path) in self.pinned_links() {
+        for (d, ifindex, name, path) in self.pinned_links() {
             if name == iface {
                 found = true;
-                self.remove_attachment(&d, &name, &path, exists)?;
+                self.remove_attachment(&d, ifindex, &name, &path, exists)?;
             }
         }
         if !found {
@@ -1930,7 +1968,7 @@ impl Datapath {
             let current = nix::net::if_::if_nametoindex(name.as_str()).ok();
             if current != Some(ifindex) {
                 // a different interface with this name is not ours to touch
-                self.remove_attachment(&dir, &name, &path, false)?;
+                self.remove_attachment(&dir, ifindex, &name, &path, false)?;
                 debug!(iface = %name, ifindex, "pruned stale attachment record");
                 pruned.push(name);
             }
@@ -1973,6 +2011,7 @@ impl Datapath {
             MapStats { name: MAP_REVNAT, kind: "hash", max_entries: self.cfg.max_services, entries: count(self.revnat_map.keys(), MAP_REVNAT)? },
             MapStats { name: MAP_CT, kind: "lru_hash", max_entries: self.cfg.ct_entries, entries: count(self.ct_map.keys(), MAP_CT)? },
             MapStats { name: MAP_GONE, kind: "lru_hash", max_entries: GONE_ENTRIES, entries: self.gone.len()? },
+            MapStats { name: MAP_POD_IFS, kind: "hash", max_entries: POD_IFS_ENTRIES, entries: count(self.pod_ifs_map.keys(), MAP_POD_IFS)? },
             // one bit per port: "entries" are the ports some backend uses
             MapStats { name: MAP_BACKEND_PORTS, kind: "array (port bits)", max_entries: FJ_PORT_WORDS * 32, entries: self.port_refs.len() as u32 },
             MapStats {

@@ -685,3 +685,90 @@ fn session_affinity_sticks_within_the_timeout_and_expires_after_it() {
     let after: Vec<String> = in_netns(&client, || (0..10).map(|_| tcp_request(tcp_vip()).unwrap()).collect());
     assert!(after.iter().all(|b| b != &stuck && b == &after[0]), "a new sticky backend among the rest: {after:?}");
 }
+
+/// `Ip: ForwDatagrams` of netns `ns`: packets its kernel forwarded (routed from one
+/// interface to another).
+fn forwarded(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip").args(["netns", "exec", ns, "cat", "/proc/net/snmp"]).output().expect("read /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().expect("Ip: header"), ip.next().expect("Ip: values"));
+    let i = names.split_whitespace().position(|n| n == "ForwDatagrams").expect("ForwDatagrams column");
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+#[test]
+fn host_routing_delivers_between_local_pods_without_the_node_stack() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let topo = Topo::new(4);
+    let node_net = fjord_datapath::NodeNet {
+        node_ip: Ipv4Addr::new(192, 0, 2, 10),
+        pod_cidr: (Ipv4Addr::new(10, 244, 1, 0), 24),
+        cluster_cidr: (Ipv4Addr::new(10, 244, 0, 0), 16),
+        masquerade: false,
+    };
+    let mut dp = Datapath::load(pins.config()).expect("load datapath");
+    assert!(dp.config().host_routing, "eBPF host routing is the default");
+    dp.set_node_net(&node_net).unwrap();
+    attach_all(&mut dp, &topo);
+    let node = topo.node.name.clone();
+    // only this node's pod veths are targets
+    let mut want: Vec<u32> = in_netns(&node, || topo.pods.iter().map(|p| nix::net::if_::if_nametoindex(p.veth.as_str()).unwrap()).collect());
+    want.sort_unstable();
+    assert_eq!(dp.host_routing_targets().unwrap(), want);
+    let _servers = start_backends(&topo, 3);
+    let backends: Vec<Ipv4Addr> = topo.pods[1..].iter().map(|p| p.ip).collect();
+    program(&mut dp, &cluster_ip(&backends));
+    let client = topo.pods[0].ns.name.clone();
+    let direct_to = SocketAddr::from((topo.pods[3].ip, TCP_TARGET));
+    // every kind of pod-to-pod packet: direct TCP, service TCP (DNAT both ways), service UDP
+    let traffic = |n: usize| {
+        in_netns(&client, || {
+            let mut seen = BTreeMap::<String, usize>::new();
+            for i in 0..n {
+                assert_eq!(tcp_request(direct_to).unwrap_or_else(|e| panic!("direct connection {i}: {e}")), "b3");
+                *seen.entry(tcp_request(tcp_vip()).unwrap_or_else(|e| panic!("service connection {i}: {e}"))).or_default() += 1;
+                let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+                u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                u.send_to(b"q", (VIP, 53)).unwrap();
+                let mut buf = [0u8; 64];
+                let (_, from) = u.recv_from(&mut buf).expect("UDP answer");
+                assert_eq!(from, SocketAddr::from((VIP, 53)), "the answer comes from the service address");
+            }
+            seen
+        })
+    };
+    // the first packets resolve the node's neighbour entries (the kernel's path)
+    traffic(5);
+    let (fwd0, routed0) = (forwarded(&node), dp.counter(Stat::HostRouted).unwrap());
+    let seen = traffic(30);
+    let (fwd1, routed1) = (forwarded(&node), dp.counter(Stat::HostRouted).unwrap());
+    assert!(seen.len() >= 2, "the service spreads over its backends: {seen:?}");
+    assert_eq!(fwd1 - fwd0, 0, "pod-to-pod packets bypass the node's IP forwarding with eBPF host routing");
+    // ≥ 5 packets per TCP connection each way, 1 each way for UDP
+    assert!(routed1 - routed0 >= 30 * (2 * 10 + 2), "host-routed packets: {}", routed1 - routed0);
+    assert_eq!(dp.counter(Stat::Error).unwrap(), 0);
+
+    // a detached veth is no target any more: packets to its pod take the kernel's path
+    let victim = topo.pods[3].veth.clone();
+    in_netns(&node, || dp.detach(&victim)).unwrap();
+    assert_eq!(dp.host_routing_targets().unwrap().len(), 3);
+    let fwd2 = forwarded(&node);
+    in_netns(&client, || assert_eq!(tcp_request(direct_to).unwrap(), "b3"));
+    assert!(forwarded(&node) - fwd2 >= 5, "to a pod whose veth fjord left, the kernel forwards");
+    in_netns(&node, || dp.attach(&victim)).unwrap();
+    drop(dp);
+
+    // legacy: the same datapath (pinned maps) with host routing off; the node's kernel routes
+    let cfg = fjord_datapath::DatapathConfig { host_routing: false, ..pins.config() };
+    let dp = Datapath::load(cfg).expect("reload with host routing off");
+    let (fwd3, routed3) = (forwarded(&node), dp.counter(Stat::HostRouted).unwrap());
+    let seen = traffic(10);
+    assert!(!seen.is_empty());
+    assert_eq!(dp.counter(Stat::HostRouted).unwrap(), routed3, "legacy host routing redirects nothing");
+    assert!(forwarded(&node) - fwd3 >= 10 * (2 * 10 + 2), "legacy: the node forwards every packet");
+    drop(dp);
+    drop(topo);
+    assert!(leftover_netns().is_empty(), "netns left: {:?}", leftover_netns());
+}

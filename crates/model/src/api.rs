@@ -249,6 +249,9 @@ pub struct DatapathStatus {
     /// How programs are attached: `tc` (clsact + cls_bpf) or `tcx`.
     #[serde(default)]
     pub attach_mode: String,
+    /// Delivery between pods of this node: `BPF` (bpf_redirect_peer) or `Legacy` (kernel routing).
+    #[serde(default)]
+    pub host_routing: String,
     /// Node devices (not pod veths) with fjord's programs, as `name (ingress, egress)`.
     #[serde(default)]
     pub node_devices: Vec<String>,
