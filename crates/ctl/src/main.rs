@@ -139,11 +139,13 @@ enum ClusterCmd {
         /// Extra flag for every node's fjord-agent (repeatable), e.g. --agent-arg=--datapath=off.
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
-        /// Socket-level LB for pods too (Cilium's default, bpf-lb-sock-hostns-only=false): a
-        /// pod's connect() to a ClusterIP goes straight to a backend, so no packet of the flow is
-        /// translated. Without it pods use the tc programs at their veth (per-packet NAT with
-        /// eBPF conntrack); the node's host-network processes always use the socket LB.
-        #[arg(long)]
+        /// Socket-level LB for pods too (the default, as Cilium's bpf-lb-sock-hostns-only=false):
+        /// a pod's connect() to a ClusterIP goes straight to a backend, so no packet of the flow
+        /// is translated. With --socket-lb-pods=false pods use the tc programs at their veth
+        /// (per-packet NAT with eBPF conntrack); the node's host-network processes always use
+        /// the socket LB.
+        #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+            action = clap::ArgAction::Set)]
         socket_lb_pods: bool,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
