@@ -56,6 +56,8 @@ struct fj_backend {
 
 /* Backends kept in the service entry itself (fj_svc_value.inline_be) */
 #define FJ_SVC_INLINE 8
+/* Slots of the compact Maglev table in the service entry (prime; fj_svc_value.slot) */
+#define FJ_SVC_SLOTS 509
 
 struct fj_svc_value {
 	__u32 service_id;    /* stable id of this frontend; also its rev_nat_id */
@@ -63,12 +65,17 @@ struct fj_svc_value {
 	__u32 backend_count; /* 0 => no backend: TCP SYN gets a RST, UDP an ICMP port unreachable, rest dropped */
 	__u32 flags;         /* FJ_SVC_F_* */
 	__u32 affinity_timeout_s; /* sessionAffinity ClientIP: seconds a client sticks to its backend */
-	__u32 inline_count;  /* backend_count if it is <= FJ_SVC_INLINE and the weights are equal, else 0 */
-	/* the frontend's active backends (the ones in its Maglev table), inline_count of them,
-	 * the rest zero: the socket LB picks from here, so a connect() to a random one of
-	 * 10,000 services touches one map element instead of five (services, Maglev outer
-	 * and inner map, backends) */
+	__u32 inline_count;  /* backend_count if it is <= FJ_SVC_INLINE, else 0 */
+	/* The frontend's active backends (the ones in its Maglev table), inline_count of them,
+	 * the rest zero, with their backend ids, and a compact Maglev table over them (same
+	 * keys, weights and seed; FJ_SVC_SLOTS slots -> index into inline_be). A new flow
+	 * takes slot hash % FJ_SVC_SLOTS: choosing a backend for a random one of 10,000
+	 * services touches this one map element instead of four (Maglev outer and inner map,
+	 * backends) more, each a cache and TLB miss then. */
 	struct fj_backend inline_be[FJ_SVC_INLINE];
+	__u32 inline_id[FJ_SVC_INLINE];
+	__u8 slot[FJ_SVC_SLOTS];
+	__u8 pad[3];
 };
 
 #define FJ_SVC_F_AFFINITY 1 /* sessionAffinity: ClientIP (fjord_affinity) */
@@ -169,7 +176,7 @@ struct fj_config {
 #define FJ_CFG_F_MASQUERADE 1 /* SNAT pod traffic leaving the cluster CIDR through the underlay */
 #define FJ_CFG_F_HOST_ROUTING 2 /* eBPF host routing: deliver pod-to-local-pod packets with bpf_redirect_peer */
 
-#define FJ_LAYOUT_VERSION 6
+#define FJ_LAYOUT_VERSION 7
 
 /* fjord_backend_ports: 32-bit words of port bits (65,536 ports) */
 #define FJ_PORT_WORDS 2048

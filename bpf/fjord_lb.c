@@ -7,8 +7,9 @@
  *       1. reply of a flow the pod serves as a backend -> reverse NAT (source back
  *          to the service address; hairpin and NodePort replies are sent on directly)
  *       2. conntrack hit -> same backend (unless it is gone or the entry expired)
- *       3. service lookup (hash, O(1)) -> sessionAffinity or Maglev slot
- *          (flow hash % M) -> backend -> conntrack entries (both directions) ->
+ *       3. service lookup (hash, O(1)) -> sessionAffinity or Maglev slot (flow hash %
+ *          509 in the entry's compact table for <= 8 backends, else % M in the frontend's
+ *          table) -> backend -> conntrack entries (both directions) ->
  *          DNAT (IPv4 + L4 checksum fixups). A pod reaching itself (hairpin) gets
  *          its source rewritten to the hairpin address and the packet is sent back.
  *       A TCP SYN to a service without backends is answered with a TCP RST, a UDP
@@ -523,16 +524,6 @@ static __always_inline int fj_established(struct __sk_buff *skb, struct fj_tuple
 	return ct ? fj_do_fwd_hit(skb, t, ct, cfg, now, from_net) : -1;
 }
 
-/* Pick the backend of a new flow: the client's sticky backend (sessionAffinity
- * ClientIP) while it is fresh, else the Maglev slot of the flow hash. */
-static __always_inline struct fj_backend *fj_select(struct fj_tuple *t, struct fj_config *cfg, __u32 service_id,
-						    __u32 table_id, __u32 svc_flags, __u32 aff_timeout, __u64 now,
-						    __u32 *bid_out)
-{
-	return fj_pick(cfg, service_id, table_id, svc_flags, aff_timeout, t->saddr,
-		       fj_flow_hash(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto), now, bid_out);
-}
-
 /* Reserve a free SNAT port: insert the reply-side entry `rk` (its dport is the
  * candidate port) with BPF_NOEXIST, trying FJ_SNAT_TRIES ports of the range
  * spread by the flow hash. Returns the port (network order) or 0. */
@@ -556,9 +547,10 @@ static __always_inline __be16 fj_snat_alloc(struct fj_config *cfg, struct fj_ct_
 /* A new flow to service `svc` (copied fields): choose a backend, write both
  * conntrack entries and translate. from_net: arrived on the underlay. */
 static __always_inline int fj_new_flow(struct __sk_buff *skb, struct fj_tuple *t, struct fj_ct_key *ck,
-				       struct fj_config *cfg, __u64 now, __u32 service_id, __u32 table_id,
-				       __u32 backend_count, __u32 svc_flags, __u32 aff_timeout, int from_net)
+				       struct fj_config *cfg, __u64 now, const struct fj_svc_value *svc, int from_net)
 {
+	__u32 service_id = svc->service_id, table_id = svc->table_id, backend_count = svc->backend_count;
+	__u32 svc_flags = svc->flags, aff_timeout = svc->affinity_timeout_s;
 	if (backend_count == 0) {
 		fj_count(FJ_STAT_NO_BACKEND);
 		if (fj_is_syn(t))
@@ -567,14 +559,22 @@ static __always_inline int fj_new_flow(struct __sk_buff *skb, struct fj_tuple *t
 			return fj_reply_icmp_unreach(skb);
 		return TC_ACT_SHOT;
 	}
+	/* the client's sticky backend (sessionAffinity ClientIP) while it is fresh, else the
+	 * Maglev slot of the flow hash: in the entry's compact table (<= FJ_SVC_INLINE
+	 * backends) or the frontend's table */
+	__u32 hash = fj_flow_hash(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto);
 	__u32 bid = 0;
-	struct fj_backend *be = fj_select(t, cfg, service_id, table_id, svc_flags, aff_timeout, now, &bid);
-	if (!be) {
-		fj_count(FJ_STAT_ERROR);
-		return TC_ACT_SHOT;
+	struct fj_backend bv = {};
+	if ((svc_flags & FJ_SVC_F_AFFINITY) || !fj_pick_inline(svc, hash, &bv, &bid)) {
+		struct fj_backend *be = fj_pick(cfg, service_id, table_id, svc_flags, aff_timeout, t->saddr, hash, now, &bid);
+		if (!be) {
+			fj_count(FJ_STAT_ERROR);
+			return TC_ACT_SHOT;
+		}
+		bv = *be;
 	}
-	__be32 bip = be->ip;
-	__be16 bport = be->port;
+	__be32 bip = bv.ip;
+	__be16 bport = bv.port;
 
 	struct fj_ct_value cv = {};
 	cv.backend_id = bid;
@@ -962,8 +962,7 @@ int fjord_from_pod(struct __sk_buff *skb)
 	int rc = fj_established(skb, &t, &ck, cfg, now, 0);
 	if (rc < 0)
 		/* 4. a new flow */
-		rc = fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
-				 svc->affinity_timeout_s, 0);
+		rc = fj_new_flow(skb, &t, &ck, cfg, now, svc, 0);
 	return rc == TC_ACT_OK ? fj_local_deliver(skb, cfg) : rc;
 }
 
@@ -1065,8 +1064,7 @@ int fjord_from_net(struct __sk_buff *skb)
 		}
 		return TC_ACT_OK;
 	}
-	return fj_new_flow(skb, &t, &ck, cfg, now, svc->service_id, svc->table_id, svc->backend_count, svc->flags,
-			   svc->affinity_timeout_s, 1);
+	return fj_new_flow(skb, &t, &ck, cfg, now, svc, 1);
 }
 
 SEC("classifier")

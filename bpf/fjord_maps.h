@@ -170,10 +170,36 @@ static __always_inline __u32 fj_flow_hash(__u32 saddr, __u32 daddr, __u32 ports,
 
 #define FJ_NS 1000000000ULL
 
-/* Backend choice for a new flow of a service, shared by the tc programs and the
- * socket-level LB: sessionAffinity ClientIP first (an entry younger than the
- * timeout whose backend still exists), else Maglev slot `hash % M`; an affinity
- * service remembers the choice for `client_ip`. */
+/* The backend of slot `hash % FJ_SVC_SLOTS` of the compact Maglev table a service entry
+ * holds when its frontend has at most FJ_SVC_INLINE backends: copied to *be with its id,
+ * without touching another map. Returns 0 if the entry holds no table. (A preallocated
+ * hash element can be reused by a concurrent update: the caller copies at once.) */
+static __always_inline int fj_pick_inline(const struct fj_svc_value *svc, __u32 hash, struct fj_backend *be,
+					  __u32 *bid_out)
+{
+	__u32 n = svc->inline_count;
+	if (n == 0 || n > FJ_SVC_INLINE)
+		return 0;
+	__u32 s = hash % FJ_SVC_SLOTS;
+	/* clang turns % into a multiply the verifier cannot bound: hide s, then check it */
+	asm volatile("" : "+r"(s));
+	if (s >= FJ_SVC_SLOTS)
+		return 0;
+	__u32 idx = svc->slot[s];
+	if (idx >= n)
+		return 0;
+	/* clang drops the mask (it knows idx < 8); the verifier needs it */
+	asm volatile("%0 &= %1" : "+r"(idx) : "i"(FJ_SVC_INLINE - 1));
+	*be = svc->inline_be[idx];
+	*bid_out = svc->inline_id[idx];
+	return be->ip != 0;
+}
+
+/* Backend choice for a new flow of a service with more than FJ_SVC_INLINE backends or
+ * sessionAffinity (else fj_pick_inline), shared by the tc programs and the socket-level
+ * LB: sessionAffinity ClientIP first (an entry younger than the timeout whose backend
+ * still exists), else Maglev slot `hash % M`; an affinity service remembers the choice
+ * for `client_ip`. */
 static __always_inline struct fj_backend *fj_pick(struct fj_config *cfg, __u32 service_id, __u32 table_id,
 						  __u32 svc_flags, __u32 aff_timeout, __be32 client_ip, __u32 hash,
 						  __u64 now, __u32 *bid_out)

@@ -9,12 +9,10 @@
  *   cgroup/sendmsg4     unconnected UDP sendto() to a service -> backend
  *   cgroup/recvmsg4     UDP source address shown as VIP:port again
  *   cgroup/getpeername4 getpeername() shows VIP:port again
- * A connect() picks by a hash of the socket cookie among the frontend's active
- * backends, which the service entry holds itself when there are at most FJ_SVC_INLINE
- * (else, and for every sendto(), from its Maglev table, as the tc path does). A connected socket is translated once, at
- * connect(), and keeps its backend, so the packet paths' need for Maglev (every node and
- * every packet of a flow agree without shared state) does not arise here; Cilium's socket
- * LB picks at random too. sessionAffinity ClientIP keeps the node's processes (one
+ * connect() and sendto() take the Maglev slot of a hash of the socket cookie: in the
+ * compact table the service entry holds with its backends when there are at most
+ * FJ_SVC_INLINE (one map element touched), else in the frontend's table, as the tc path
+ * does. sessionAffinity ClientIP keeps the node's processes (one
  * client: the node address) on one backend. A service without backends makes a
  * host process's connect() fail (EPERM).
  * A socket in a pod (netns cookie other than the node's) is left untranslated when
@@ -33,7 +31,7 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* returns 1 (allow) or 0 (reject: no backend) */
-static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx, int connect)
+static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx)
 {
 	__u32 proto = ctx->protocol;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -45,18 +43,14 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx, int connect)
 	struct fj_svc_value *svc = bpf_map_lookup_elem(&fjord_services, &sk);
 	if (!svc)
 		return 1; /* not a service: no cookie, no hash */
-	/* a connect() (translated once, for the socket's life) picks from the entry's own
-	 * list, copied right away (an update may reuse the element) */
+	/* the Maglev slot of the socket's hash in the entry's compact table (<= FJ_SVC_INLINE
+	 * backends), copied right away (an update may reuse the element) */
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	__u32 hash = fj_flow_hash((__u32)cookie, (__u32)(cookie >> 32), 0, proto);
 	struct fj_backend b = {};
-	__u32 inline_count = svc->inline_count;
-	if (connect && inline_count > 0 && inline_count <= FJ_SVC_INLINE) {
-		__u32 idx = hash % inline_count;
-		/* clang drops the mask (it knows idx < 8); the verifier needs it */
-		asm volatile("%0 &= %1" : "+r"(idx) : "i"(FJ_SVC_INLINE - 1));
-		b = svc->inline_be[idx];
-	}
+	__u32 inline_bid = 0;
+	if (!(svc->flags & FJ_SVC_F_AFFINITY))
+		fj_pick_inline(svc, hash, &b, &inline_bid);
 	__u32 service_id = svc->service_id, table_id = svc->table_id, flags = svc->flags;
 	__u32 aff_timeout = svc->affinity_timeout_s, backend_count = svc->backend_count;
 	__u32 zero = 0;
@@ -75,8 +69,7 @@ static __always_inline int fj_sock_xlate(struct bpf_sock_addr *ctx, int connect)
 	/* the node's processes are one client for sessionAffinity: the node address is
 	 * their source address toward the service */
 	if ((flags & FJ_SVC_F_AFFINITY) || !b.ip) {
-		/* sendto() (re-picked per datagram: Maglev keeps it stable across backend
-		 * changes), more than FJ_SVC_INLINE backends, unequal weights, affinity */
+		/* more than FJ_SVC_INLINE backends, or affinity */
 		__u32 bid = 0;
 		struct fj_backend *be = fj_pick(cfg, service_id, table_id, flags, aff_timeout, cfg->node_ip, hash,
 						bpf_ktime_get_ns(), &bid);
@@ -117,13 +110,13 @@ static __always_inline void fj_sock_restore(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int fjord_sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return fj_sock_xlate(ctx, 1);
+	return fj_sock_xlate(ctx);
 }
 
 SEC("cgroup/sendmsg4")
 int fjord_sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return fj_sock_xlate(ctx, 0);
+	return fj_sock_xlate(ctx);
 }
 
 SEC("cgroup/recvmsg4")

@@ -9,7 +9,7 @@ use std::process::Command;
 /// (struct, [fields]) — every struct in bpf/fjord.h with every field.
 const STRUCTS: &[(&str, &[&str])] = &[
     ("fj_svc_key", &["vip", "port", "proto", "pad"]),
-    ("fj_svc_value", &["service_id", "table_id", "backend_count", "flags", "affinity_timeout_s", "inline_count", "inline_be"]),
+    ("fj_svc_value", &["service_id", "table_id", "backend_count", "flags", "affinity_timeout_s", "inline_count", "inline_be", "inline_id", "slot", "pad"]),
     ("fj_backend", &["ip", "port", "proto", "flags"]),
     ("fj_revnat", &["vip", "port", "pad"]),
     ("fj_ct_key", &["saddr", "daddr", "sport", "dport", "proto", "dir", "pad"]),
@@ -30,7 +30,7 @@ const CONSTS: &[&str] = &[
     "FJ_STAT_RST_SENT", "FJ_STAT_RESELECT", "FJ_STAT_ERROR", "FJ_STAT_SOCK_LB", "FJ_STAT_ICMP_SENT", "FJ_STAT_CT_STALE",
     "FJ_STAT_NODEPORT", "FJ_STAT_SNAT", "FJ_STAT_SNAT_FAIL", "FJ_STAT_HAIRPIN", "FJ_STAT_AFFINITY", "FJ_STAT_CT_EXPIRED", "FJ_STAT_SOCK_TO_TC", "FJ_STAT_GONE", "FJ_STAT_ICMP_ERR", "FJ_STAT_HOST_ROUTED", "FJ_STAT_MAX", "FJ_STAT_SLOTS",
     "FJ_CT_DIR_SNAT_FWD", "FJ_CT_DIR_SNAT_REV", "FJ_CT_SYN", "FJ_CT_ESTABLISHED", "FJ_CT_CLOSING", "FJ_CT_F_SNAT", "FJ_CT_F_HAIRPIN", "FJ_CT_F_NONAT",
-    "FJ_SVC_F_AFFINITY", "FJ_SVC_F_EXTERNAL", "FJ_CFG_F_MASQUERADE", "FJ_CFG_F_HOST_ROUTING", "FJ_MAGLEV_CHUNK", "FJ_PORT_WORDS", "FJ_SVC_INLINE",
+    "FJ_SVC_F_AFFINITY", "FJ_SVC_F_EXTERNAL", "FJ_CFG_F_MASQUERADE", "FJ_CFG_F_HOST_ROUTING", "FJ_MAGLEV_CHUNK", "FJ_PORT_WORDS", "FJ_SVC_INLINE", "FJ_SVC_SLOTS",
 ];
 
 fn clang() -> String {

@@ -41,31 +41,61 @@ impl SvcKey {
 
 /// `struct fj_svc_value`
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SvcValue {
     pub service_id: u32,
     pub table_id: u32,
     pub backend_count: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
-    /// `backend_count` if it is at most [`SVC_INLINE`] and the weights are equal, else 0
+    /// `backend_count` if it is at most [`SVC_INLINE`] (and the compact table was given), else 0
     pub inline_count: u32,
-    /// the frontend's active backends (those of its Maglev table) when they fit, for the
-    /// socket LB; the rest zero
+    /// the frontend's active backends (those of its Maglev table) when they fit; the rest zero
     pub inline_be: [BackendValue; SVC_INLINE],
+    /// their backend ids (`fjord_backends` keys, for conntrack)
+    pub inline_id: [u32; SVC_INLINE],
+    /// compact Maglev table: slot → index into `inline_be` (all zero without backends inline)
+    pub slot: [u8; SVC_SLOTS],
+    pub pad: [u8; 3],
+}
+
+impl Default for SvcValue {
+    fn default() -> Self {
+        SvcValue {
+            service_id: 0,
+            table_id: 0,
+            backend_count: 0,
+            flags: 0,
+            affinity_timeout_s: 0,
+            inline_count: 0,
+            inline_be: [BackendValue::default(); SVC_INLINE],
+            inline_id: [0; SVC_INLINE],
+            slot: [0; SVC_SLOTS],
+            pad: [0; 3],
+        }
+    }
 }
 
 impl SvcValue {
-    /// The entry of a frontend whose active backends (those of its table) are `active`; they
-    /// are held inline when there are at most [`SVC_INLINE`] and `uniform` (equal weights:
-    /// a uniform pick among them matches the table).
-    pub fn new(service_id: u32, table_id: u32, flags: u32, affinity_timeout_s: u32, active: &[BackendAddr], uniform: bool) -> Self {
+    /// The entry of a frontend whose active backends (those of its table) are `active`, with
+    /// backend ids `ids` (same order) and `compact`, the frontend's compact Maglev table
+    /// (`FrontendEntries::compact`: slot → index into `active`). The backends and the table
+    /// are held inline when there are at most [`SVC_INLINE`] and the table has
+    /// [`SVC_SLOTS`] slots; otherwise the datapath uses the frontend's big table.
+    pub fn new(service_id: u32, table_id: u32, flags: u32, affinity_timeout_s: u32, active: &[BackendAddr], ids: &[u32], compact: &[u8]) -> Self {
         let mut v = SvcValue { service_id, table_id, backend_count: active.len() as u32, flags, affinity_timeout_s, ..Default::default() };
-        if uniform && active.len() <= SVC_INLINE {
+        let fits = !active.is_empty()
+            && active.len() <= SVC_INLINE
+            && ids.len() == active.len()
+            && compact.len() == SVC_SLOTS
+            && compact.iter().all(|&i| (i as usize) < active.len());
+        if fits {
             v.inline_count = active.len() as u32;
-            for (slot, a) in v.inline_be.iter_mut().zip(active) {
+            for ((slot, id), (a, i)) in v.inline_be.iter_mut().zip(v.inline_id.iter_mut()).zip(active.iter().zip(ids)) {
                 *slot = BackendValue::new(a);
+                *id = *i;
             }
+            v.slot.copy_from_slice(compact);
         }
         v
     }
@@ -237,9 +267,11 @@ pub const SVC_F_AFFINITY: u32 = 1;
 pub const SVC_F_EXTERNAL: u32 = 2;
 pub const CFG_F_MASQUERADE: u32 = 1;
 pub const CFG_F_HOST_ROUTING: u32 = 2;
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Backends a service entry holds itself (`FJ_SVC_INLINE`).
-pub const SVC_INLINE: usize = 8;
+pub const SVC_INLINE: usize = fjord_lb::COMPACT_MAX_BACKENDS;
+/// Slots of the compact Maglev table in a service entry (`FJ_SVC_SLOTS`).
+pub const SVC_SLOTS: usize = fjord_lb::COMPACT_TABLE_SIZE as usize;
 /// Slots per Maglev table chunk (`FJ_MAGLEV_CHUNK`): a table of M slots is an array of
 /// ceil(M / MAGLEV_CHUNK) chunks of MAGLEV_CHUNK backend ids.
 pub const MAGLEV_CHUNK: usize = 1024;
@@ -263,7 +295,8 @@ mod tests {
         check!(SvcValue, SIZEOF_FJ_SVC_VALUE, service_id => OFFSETOF_FJ_SVC_VALUE_SERVICE_ID,
             table_id => OFFSETOF_FJ_SVC_VALUE_TABLE_ID, backend_count => OFFSETOF_FJ_SVC_VALUE_BACKEND_COUNT,
             flags => OFFSETOF_FJ_SVC_VALUE_FLAGS, affinity_timeout_s => OFFSETOF_FJ_SVC_VALUE_AFFINITY_TIMEOUT_S,
-            inline_count => OFFSETOF_FJ_SVC_VALUE_INLINE_COUNT, inline_be => OFFSETOF_FJ_SVC_VALUE_INLINE_BE);
+            inline_count => OFFSETOF_FJ_SVC_VALUE_INLINE_COUNT, inline_be => OFFSETOF_FJ_SVC_VALUE_INLINE_BE,
+            inline_id => OFFSETOF_FJ_SVC_VALUE_INLINE_ID, slot => OFFSETOF_FJ_SVC_VALUE_SLOT, pad => OFFSETOF_FJ_SVC_VALUE_PAD);
         check!(BackendValue, SIZEOF_FJ_BACKEND, ip => OFFSETOF_FJ_BACKEND_IP, port => OFFSETOF_FJ_BACKEND_PORT,
             proto => OFFSETOF_FJ_BACKEND_PROTO, flags => OFFSETOF_FJ_BACKEND_FLAGS);
         check!(RevNat, SIZEOF_FJ_REVNAT, vip => OFFSETOF_FJ_REVNAT_VIP, port => OFFSETOF_FJ_REVNAT_PORT,
@@ -306,6 +339,7 @@ mod tests {
         assert_eq!(LAYOUT_VERSION as u64, c::FJ_LAYOUT_VERSION);
         assert_eq!(MAGLEV_CHUNK as u64, c::FJ_MAGLEV_CHUNK);
         assert_eq!(SVC_INLINE as u64, c::FJ_SVC_INLINE);
+        assert_eq!(SVC_SLOTS as u64, c::FJ_SVC_SLOTS);
         assert_eq!(MAGLEV_CHUNK * 4, c::SIZEOF_FJ_MAGLEV_CHUNK);
         assert_eq!(0, c::OFFSETOF_FJ_MAGLEV_CHUNK_BACKEND_ID);
         for (rust, cval) in [
@@ -367,20 +401,27 @@ mod tests {
         let addrs: Vec<BackendAddr> = (1..=9u8)
             .map(|i| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, i), port: 8080, protocol: Protocol::Tcp })
             .collect();
-        let v = SvcValue::new(7, 3, SVC_F_EXTERNAL, 0, &addrs[..3], true);
+        let ids: Vec<u32> = (11..=19).collect();
+        let table = |n: usize| -> Vec<u8> { (0..SVC_SLOTS).map(|s| (s % n) as u8).collect() };
+        let v = SvcValue::new(7, 3, SVC_F_EXTERNAL, 0, &addrs[..3], &ids[..3], &table(3));
         assert_eq!((v.service_id, v.table_id, v.backend_count, v.inline_count, v.flags), (7, 3, 3, 3, SVC_F_EXTERNAL));
         assert_eq!(v.inline_be[..3].iter().map(|b| b.to_addr().unwrap()).collect::<Vec<_>>(), addrs[..3]);
-        assert!(v.inline_be[3..].iter().all(|b| *b == BackendValue::default()), "unused slots stay zero");
-        let full = SvcValue::new(7, 3, 0, 0, &addrs[..SVC_INLINE], true);
+        assert_eq!(v.inline_id[..3], ids[..3]);
+        assert_eq!(v.slot.to_vec(), table(3));
+        assert!(v.inline_be[3..].iter().all(|b| *b == BackendValue::default()), "unused backends stay zero");
+        assert!(v.inline_id[3..].iter().all(|&i| i == 0));
+        let full = SvcValue::new(7, 3, 0, 0, &addrs[..SVC_INLINE], &ids[..SVC_INLINE], &table(SVC_INLINE));
         assert_eq!(full.inline_count as usize, SVC_INLINE);
-        // one more than fits: the socket LB uses the Maglev table
-        let over = SvcValue::new(7, 3, 0, 0, &addrs, true);
+        // one more than fits (no compact table either): the frontend's table is used
+        let over = SvcValue::new(7, 3, 0, 0, &addrs, &ids, &[]);
         assert_eq!((over.backend_count, over.inline_count), (9, 0));
         assert!(over.inline_be.iter().all(|b| *b == BackendValue::default()));
-        // unequal weights: only the table knows the shares
-        let weighted = SvcValue::new(7, 3, 0, 0, &addrs[..3], false);
-        assert_eq!((weighted.backend_count, weighted.inline_count), (3, 0));
-        let none = SvcValue::new(7, 0, 0, 0, &[], true);
+        // a table that does not match the backends is not held
+        for bad in [table(4), table(3)[..100].to_vec(), vec![]] {
+            let v = SvcValue::new(7, 3, 0, 0, &addrs[..3], &ids[..3], &bad);
+            assert_eq!((v.inline_count, v.slot), (0, [0; SVC_SLOTS]));
+        }
+        let none = SvcValue::new(7, 0, 0, 0, &[], &[], &[]);
         assert_eq!((none.backend_count, none.inline_count), (0, 0));
     }
 }

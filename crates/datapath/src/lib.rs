@@ -418,8 +418,8 @@ struct Prepared {
     backend_count: u32,
     /// the active backends (FrontendEntries::backends), for the service entry
     active: Vec<BackendAddr>,
-    /// FrontendEntries::equal_weights
-    uniform: bool,
+    /// FrontendEntries::compact (the compact Maglev table the service entry holds)
+    compact: Vec<u8>,
     /// the new table (None: no backends, or unchanged)
     inner: Option<MapData>,
     /// the table it replaces, to restore on failure
@@ -914,15 +914,17 @@ impl Datapath {
         Some(st.backend_ids.iter().filter_map(|id| rev.get(id).copied()).collect())
     }
 
-    /// Reads back the backends the service entry of `key` holds itself for the socket LB
-    /// (`None`: it holds none and the socket LB uses the Maglev table: more than
-    /// `FJ_SVC_INLINE` backends, unequal weights, or no backend).
-    pub fn socket_lb_backends(&self, key: &ServiceKey) -> Result<Option<Vec<BackendAddr>>> {
+    /// Reads back the backends the service entry of `key` holds itself and its compact
+    /// Maglev table, slot → backend (`None`: it holds none and new flows use the frontend's
+    /// table: more than `FJ_SVC_INLINE` backends, or no backend).
+    pub fn inline_backends(&self, key: &ServiceKey) -> Result<Option<(Vec<BackendAddr>, Vec<BackendAddr>)>> {
         let v = self.services_map.get(&SvcKey::new(key), 0).map_err(map_err(MAP_SERVICES, format!("get {key}")))?;
         if v.inline_count == 0 {
             return Ok(None);
         }
-        Ok(Some(v.inline_be.iter().take(v.inline_count as usize).filter_map(|b| b.to_addr()).collect()))
+        let list: Vec<BackendAddr> = v.inline_be.iter().take(v.inline_count as usize).filter_map(|b| b.to_addr()).collect();
+        let table = v.slot.iter().filter_map(|&i| list.get(i as usize).copied()).collect();
+        Ok(Some((list, table)))
     }
 
     /// Reads back the Maglev table the datapath uses for `key`: slot → backend.
@@ -1102,7 +1104,7 @@ impl Datapath {
             table_id: NO_TABLE,
             backend_count: fe.backends.len() as u32,
             active: fe.backends.clone(),
-            uniform: fe.equal_weights,
+            compact: fe.compact.clone(),
             inner: None,
             previous: None,
             switched: false,
@@ -1362,7 +1364,7 @@ impl Datapath {
         let key = p.key;
         let is_new = p.existing.is_none();
         let (flags, affinity_timeout_s) = svc_flags(&p.options);
-        let v = SvcValue::new(p.service_id, p.table_id, flags, affinity_timeout_s, &p.active, p.uniform);
+        let v = SvcValue::new(p.service_id, p.table_id, flags, affinity_timeout_s, &p.active, &p.index_ids, &p.compact);
         let res = (|| -> Result<()> {
             if is_new {
                 self.revnat_map

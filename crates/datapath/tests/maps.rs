@@ -315,12 +315,12 @@ fn backend_ports_follow_the_backend_entries() {
     assert_eq!(dp.backend_ports().unwrap(), vec![8080]);
 }
 
-/// The service entry holds the frontend's active backends for the socket LB while they fit
-/// (FJ_SVC_INLINE = 8) and have equal weights; otherwise it holds none and the socket LB uses
-/// the Maglev table. Every change rewrites them: a terminating backend leaves the list (no
-/// new connections) and a reload keeps the entries as they are.
+/// The service entry holds the frontend's active backends and their compact Maglev table
+/// while they fit (FJ_SVC_INLINE = 8; any weights); otherwise it holds none and new flows use
+/// the frontend's big table. Every change rewrites them: a terminating backend leaves the list
+/// (no new flows) and a reload keeps the entries as they are.
 #[test]
-fn service_entries_hold_their_active_backends_for_the_socket_lb() {
+fn service_entries_hold_their_active_backends_and_compact_table() {
     let _l = kernel_lock();
     let pins = PinDir::new();
     let cfg = DatapathConfig { maglev_size: 251, max_services: 8, max_backends: 32, ct_entries: 1024, table_pool: 0, ..pins.config() };
@@ -328,19 +328,26 @@ fn service_entries_hold_their_active_backends_for_the_socket_lb() {
     let addrs = |ips: &[u8]| -> Vec<BackendAddr> {
         ips.iter().map(|&i| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, i), port: 8080, protocol: Protocol::Tcp }).collect()
     };
+    // what the entry must hold for `fe`: its backends, and its compact table as addresses
+    let held = |fe: &FrontendEntries| -> Option<(Vec<BackendAddr>, Vec<BackendAddr>)> {
+        assert_eq!(fe.compact.len(), fjord_lb::COMPACT_TABLE_SIZE as usize);
+        Some((fe.backends.clone(), fe.compact.iter().map(|&i| fe.backends[i as usize]).collect()))
+    };
     let gen = |ips: &[u8]| svc("default/a", [10, 96, 0, 1], 80, Protocol::Tcp, &ips.iter().map(|&i| [10, 244, 1, i]).collect::<Vec<_>>(), 251);
     let a = gen(&[3, 1, 2]);
     dp.upsert(&a).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), Some(addrs(&[1, 2, 3])));
+    assert_eq!(a.backends, addrs(&[1, 2, 3]));
+    assert_eq!(dp.inline_backends(&a.key).unwrap(), held(&a));
     // 9 backends: one more than fits
     let nine: Vec<u8> = (1..=9).collect();
     dp.upsert(&gen(&nine)).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), None);
+    assert_eq!(dp.inline_backends(&a.key).unwrap(), None);
     let table: std::collections::BTreeSet<_> = dp.maglev_table(&a.key).unwrap().into_iter().collect();
     assert_eq!(table.len(), 9, "the table has every backend");
-    dp.upsert(&gen(&nine[..8])).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), Some(addrs(&nine[..8])));
-    // a terminating (still serving) backend: in no list, its entry kept for its flows
+    let eight = gen(&nine[..8]);
+    dp.upsert(&eight).unwrap();
+    assert_eq!(dp.inline_backends(&a.key).unwrap(), held(&eight));
+    // a terminating (still serving) backend: in no list or table, its entry kept for its flows
     let mut s = Service {
         name: "default/a".into(),
         frontends: vec![Frontend {
@@ -356,26 +363,32 @@ fn service_entries_hold_their_active_backends_for_the_socket_lb() {
     let draining = translate(&s, &LbConfig { maglev_size: 251, ..LbConfig::default() }).unwrap().remove(0);
     assert_eq!(draining.draining, addrs(&[2]));
     dp.upsert(&draining).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), Some(addrs(&[1, 3])));
+    let (list, table) = dp.inline_backends(&a.key).unwrap().unwrap();
+    assert_eq!(list, addrs(&[1, 3]));
+    assert!(!table.contains(&addrs(&[2])[0]), "no new flow for the terminating backend");
     assert!(dp.service_backends(&a.key).unwrap().contains(&addrs(&[2])[0]), "the draining backend's entry stays");
-    // unequal weights: only the table has the shares
+    // unequal weights: the compact table has the shares too
     s.frontends[0].backends[1] = Backend::ready(Ipv4Addr::new(10, 244, 1, 2), 8080);
     s.frontends[0].backends[1].weight = Some(3);
     let weighted = translate(&s, &LbConfig { maglev_size: 251, ..LbConfig::default() }).unwrap().remove(0);
     dp.upsert(&weighted).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), None);
+    let (_, table) = dp.inline_backends(&a.key).unwrap().unwrap();
+    let share = table.iter().filter(|b| **b == addrs(&[2])[0]).count() as f64 / table.len() as f64;
+    assert!((share - 0.6).abs() < 0.01, "weight 3 of 5: {share}");
     // no backends
     dp.upsert(&gen(&[])).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), None);
-    dp.upsert(&gen(&[4, 5])).unwrap();
+    assert_eq!(dp.inline_backends(&a.key).unwrap(), None);
+    let two = gen(&[4, 5]);
+    dp.upsert(&two).unwrap();
     // a reload (agent restart) finds the entry as it was, and the same state changes nothing
     drop(dp);
     let mut dp = Datapath::load(cfg).expect("reload");
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), Some(addrs(&[4, 5])));
-    dp.upsert(&gen(&[4, 5])).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), Some(addrs(&[4, 5])));
-    dp.upsert(&gen(&[5])).unwrap();
-    assert_eq!(dp.socket_lb_backends(&a.key).unwrap(), Some(addrs(&[5])));
+    assert_eq!(dp.inline_backends(&a.key).unwrap(), held(&two));
+    dp.upsert(&two).unwrap();
+    assert_eq!(dp.inline_backends(&a.key).unwrap(), held(&two));
+    let one = gen(&[5]);
+    dp.upsert(&one).unwrap();
+    assert_eq!(dp.inline_backends(&a.key).unwrap(), held(&one));
     assert_eq!(dp.counter(fjord_datapath::Stat::Error).unwrap(), 0);
 }
 

@@ -10,7 +10,7 @@
 pub mod maglev;
 pub mod service;
 
-pub use maglev::{build_table, is_prime, MaglevError, DEFAULT_SEED, DEFAULT_TABLE_SIZE};
+pub use maglev::{build_table, is_prime, MaglevError, COMPACT_MAX_BACKENDS, COMPACT_TABLE_SIZE, DEFAULT_SEED, DEFAULT_TABLE_SIZE};
 pub use service::{
     translate, Backend, BackendAddr, Frontend, FrontendEntries, FrontendOptions, LbConfig, Protocol, Service, ServiceKey,
     TranslateError,

@@ -13,6 +13,12 @@ use thiserror::Error;
 
 /// Default table size: a prime, ~160 slots per backend at 100 backends.
 pub const DEFAULT_TABLE_SIZE: u32 = 16381;
+/// Size of the compact Maglev table a frontend with at most [`COMPACT_MAX_BACKENDS`]
+/// backends also gets, held in its service entry (`FJ_SVC_SLOTS`): prime, ≥ 63 slots per
+/// backend, so balance and disruption stay Maglev's, and one byte per slot.
+pub const COMPACT_TABLE_SIZE: u32 = 509;
+/// Backends a service entry holds itself, with the compact table (`FJ_SVC_INLINE`).
+pub const COMPACT_MAX_BACKENDS: usize = 8;
 /// Default seed ("fjord_lb"). Every node of a cluster must use the same seed.
 pub const DEFAULT_SEED: u64 = 0x666a_6f72_645f_6c62;
 /// Largest supported table size (tables are M × 4 bytes per service in the kernel).

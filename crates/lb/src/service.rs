@@ -182,9 +182,11 @@ pub struct FrontendEntries {
     /// Terminating but still serving backends not in the table: they get no new flows but
     /// keep their established ones (the datapath keeps their entries).
     pub draining: Vec<BackendAddr>,
-    /// Every backend in `backends` has the same weight, so a uniform pick among them
-    /// spreads new connections as the table does (the socket LB's shortcut).
-    pub equal_weights: bool,
+    /// The compact Maglev table (same keys, weights and seed, [`maglev::COMPACT_TABLE_SIZE`]
+    /// slots) → index into `backends`, when there are 1..=[`maglev::COMPACT_MAX_BACKENDS`]
+    /// backends; else empty. The service entry holds it with the backends, so choosing a
+    /// backend for a new flow touches no map but the services map.
+    pub compact: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -289,16 +291,22 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
         } else {
             vec![]
         };
-        let equal_weights = chosen.iter().all(|(_, w)| Some(w) == chosen.first().map(|(_, w)| w));
         let weighted: Vec<(String, u32)> = chosen.iter().map(|(a, w)| (a.maglev_key(), *w)).collect();
         // frontends of one service usually share their backends (ClusterIP and NodePort
         // on every node address, TCP and UDP of one port): build each distinct table once
-        let table = match built.iter().find(|(w, _)| *w == weighted) {
-            Some((_, i)) => out[*i].maglev.clone(),
+        let (table, compact) = match built.iter().find(|(w, _)| *w == weighted) {
+            Some((_, i)) => (out[*i].maglev.clone(), out[*i].compact.clone()),
             None => {
                 built.push((weighted, out.len()));
-                maglev::build_table(&built.last().expect("pushed").0, cfg.maglev_size, cfg.seed)
-                    .map_err(|source| TranslateError::Maglev { service: service.clone(), key, source })?
+                let w = &built.last().expect("pushed").0;
+                let merr = |source| TranslateError::Maglev { service: service.clone(), key, source };
+                let table = maglev::build_table(w, cfg.maglev_size, cfg.seed).map_err(merr)?;
+                let compact = if (1..=maglev::COMPACT_MAX_BACKENDS).contains(&w.len()) {
+                    maglev::build_table(w, maglev::COMPACT_TABLE_SIZE, cfg.seed).map_err(merr)?.into_iter().map(|i| i as u8).collect()
+                } else {
+                    Vec::new()
+                };
+                (table, compact)
             }
         };
         out.push(FrontendEntries {
@@ -308,7 +316,7 @@ pub fn translate(svc: &Service, cfg: &LbConfig) -> Result<Vec<FrontendEntries>, 
             maglev: table,
             options: fe.options,
             draining,
-            equal_weights,
+            compact,
         });
     }
     Ok(out)
@@ -419,17 +427,59 @@ mod tests {
     fn weights_shape_the_table() {
         let mut s = dns();
         s.frontends.truncate(1);
-        assert!(translate(&s, &cfg()).unwrap()[0].equal_weights);
         s.frontends[0].backends[0].weight = Some(3); // 10.244.1.6 → index 1 after sorting
         let out = translate(&s, &LbConfig::default()).unwrap();
-        assert!(!out[0].equal_weights, "the socket LB must not pick uniformly");
         let share = out[0].maglev.iter().filter(|&&i| i == 1).count() as f64 / out[0].maglev.len() as f64;
         assert!((share - 0.75).abs() < 0.01, "{share}");
+        // the compact table follows the weights too
+        let share = out[0].compact.iter().filter(|&&i| i == 1).count() as f64 / out[0].compact.len() as f64;
+        assert!((share - 0.75).abs() < 0.01, "compact: {share}");
         // weight 0: no new connections
         s.frontends[0].backends[0].weight = Some(0);
         let out = translate(&s, &cfg()).unwrap();
         assert_eq!(out[0].backends.len(), 1);
         assert_eq!(out[0].backends[0].ip, ip("10.244.1.5"));
+    }
+
+    /// A frontend with 1..=8 backends also gets the compact table (509 slots) its service
+    /// entry holds: Maglev's balance (every backend owns ⌊M/N⌋ or ⌈M/N⌉ slots) and
+    /// disruption (removing one of N backends moves its own slots and few others); 9
+    /// backends or none get none.
+    #[test]
+    fn small_frontends_get_a_compact_maglev_table() {
+        let web = |n: usize| Service {
+            name: "default/web".into(),
+            frontends: vec![Frontend::new(
+                ip("10.96.0.20"),
+                80,
+                Protocol::Tcp,
+                (0..n).map(|i| Backend::ready(Ipv4Addr::new(10, 244, 1, 10 + i as u8), 8080)).collect(),
+            )],
+        };
+        for n in [0, 9, 20] {
+            assert!(translate(&web(n), &cfg()).unwrap()[0].compact.is_empty(), "{n} backends");
+        }
+        for n in 1..=8usize {
+            let fe = translate(&web(n), &LbConfig::default()).unwrap().remove(0);
+            assert_eq!(fe.compact.len(), maglev::COMPACT_TABLE_SIZE as usize);
+            let mut owned = vec![0usize; n];
+            for &i in &fe.compact {
+                owned[i as usize] += 1;
+            }
+            let (lo, hi) = (owned.iter().min().unwrap(), owned.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{n} backends: slots per backend {owned:?}");
+            if n >= 2 {
+                // remove the middle backend: only a few slots of the others move
+                let mut fewer = web(n);
+                let gone = fewer.frontends[0].backends.remove(n / 2);
+                let after = translate(&fewer, &LbConfig::default()).unwrap().remove(0);
+                let name = |fe: &FrontendEntries, i: u8| fe.backends[i as usize].ip;
+                let kept: Vec<usize> = (0..fe.compact.len()).filter(|&s| name(&fe, fe.compact[s]) != gone.ip).collect();
+                let moved = kept.iter().filter(|&&s| name(&fe, fe.compact[s]) != name(&after, after.compact[s])).count();
+                let share = moved as f64 / fe.compact.len() as f64;
+                assert!(share <= 0.04, "{n} → {} backends: {moved} other slots moved ({share:.3})", n - 1);
+            }
+        }
     }
 
     #[test]
