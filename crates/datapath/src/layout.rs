@@ -41,7 +41,7 @@ impl SvcKey {
 
 /// `struct fj_svc_value`
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SvcValue {
     pub service_id: u32,
     pub table_id: u32,
@@ -77,6 +77,15 @@ impl Default for SvcValue {
 }
 
 impl SvcValue {
+    /// A 64-bit fingerprint of the whole entry: the datapath remembers this instead of the
+    /// 632-byte entry to tell whether a rewrite would change anything.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+
     /// The entry of a frontend whose active backends (those of its table) are `active`, with
     /// backend ids `ids` (same order) and `compact`, the frontend's compact Maglev table
     /// (`FrontendEntries::compact`: slot → index into `active`). The backends and the table

@@ -441,8 +441,8 @@ struct SvcState {
     table_id: u32,
     backend_ids: Vec<u32>,
     options: FrontendOptions,
-    /// the service entry as last written
-    value: SvcValue,
+    /// fingerprint of the service entry as last written (`SvcValue::digest`)
+    digest: u64,
 }
 
 fn svc_flags(o: &FrontendOptions) -> (u32, u32) {
@@ -836,7 +836,7 @@ impl Datapath {
             self.next_service_id = self.next_service_id.max(v.service_id + 1);
             self.services.insert(
                 key,
-                SvcState { service: "<recovered>".into(), service_id: v.service_id, table_id: v.table_id, backend_ids: ids, options: options_of(&v), value: v },
+                SvcState { service: "<recovered>".into(), service_id: v.service_id, table_id: v.table_id, backend_ids: ids, options: options_of(&v), digest: v.digest() },
             );
         }
         // orphan tables (an update interrupted between table insert and switch)
@@ -1365,13 +1365,14 @@ impl Datapath {
         let is_new = p.existing.is_none();
         let (flags, affinity_timeout_s) = svc_flags(&p.options);
         let v = SvcValue::new(p.service_id, p.table_id, flags, affinity_timeout_s, &p.active, &p.index_ids, &p.compact);
+        let digest = v.digest();
         let res = (|| -> Result<()> {
             if is_new {
                 self.revnat_map
                     .insert(p.service_id, RevNat::new(&key), 0)
                     .map_err(map_err(MAP_REVNAT, format!("insert rev-nat for {key}")))?;
             }
-            let unchanged = p.existing.as_ref().is_some_and(|s| s.value == v) && p.inner.is_none() && p.pooled.is_none();
+            let unchanged = p.existing.as_ref().is_some_and(|s| s.digest == digest) && p.inner.is_none() && p.pooled.is_none();
             if !unchanged || is_new {
                 if let Err(e) = self.services_map.insert(SvcKey::new(&key), v, 0) {
                     if is_new {
@@ -1401,7 +1402,7 @@ impl Datapath {
         }
         self.services.insert(
             key,
-            SvcState { service: p.service.clone(), service_id: p.service_id, table_id: p.table_id, backend_ids: new_ids, options: p.options, value: v },
+            SvcState { service: p.service.clone(), service_id: p.service_id, table_id: p.table_id, backend_ids: new_ids, options: p.options, digest },
         );
         if let Some(old) = p.existing {
             // the table was replaced in place (or the entry flipped to a pool table, or the
