@@ -860,17 +860,32 @@ async fn load_cache(agent: &Agent, dp: Option<&Arc<Mutex<fjord_datapath::Datapat
     let t = Instant::now();
     let l = agent.store.list(keys::PREFIX).await?;
     let listed = t.elapsed();
-    let services_prefix = keys::services_prefix();
-    let stash = dp.and_then(|dp| start_prefill(dp, l.kvs.iter().filter(|kv| kv.key.starts_with(&services_prefix)).count()));
     for kv in &l.kvs {
         cache.apply(&agent.node, &fjord_store::EventKind::Put, &kv.key, &kv.value, &mut dirty);
     }
+    let stash = dp.and_then(|dp| start_prefill(dp, cache.big_tables_wanted()));
     tracing::debug!(records = l.kvs.len(), list_ms = listed.as_secs_f64() * 1000.0, decode_ms = (t.elapsed() - listed).as_secs_f64() * 1000.0, prefill = stash.is_some(), "service cache loaded");
     Ok((cache, l.revision, stash))
 }
 
+impl Cache {
+    /// About how many services get a big Maglev table (M slots): those with sessionAffinity
+    /// or more endpoints than fit a service entry; the others live in their service entries.
+    fn big_tables_wanted(&self) -> usize {
+        self.services
+            .iter()
+            .filter(|(id, s)| {
+                s.session_affinity_timeout().is_some()
+                    || self.slices_by_service.get(*id).into_iter().flatten().filter_map(|k| self.slices.get(k)).map(|sl| sl.endpoints.len()).sum::<usize>()
+                        > fjord_lb::COMPACT_MAX_BACKENDS
+            })
+            .count()
+    }
+}
+
 /// Starts filling the datapath's stash of blank tables on another thread when this is a
-/// cold start (the datapath holds no frontend) of at least `PREFILL_MIN` services.
+/// cold start (the datapath holds no frontend) of at least `PREFILL_MIN` services that
+/// need big tables.
 fn start_prefill(dp: &Mutex<fjord_datapath::Datapath>, services: usize) -> Option<Arc<fjord_datapath::TableStash>> {
     if services < PREFILL_MIN {
         return None;

@@ -829,6 +829,9 @@ impl Datapath {
                 used_tables.insert(v.table_id);
                 let inner = self.maglev_map.get(&v.table_id, 0).map_err(map_err(MAP_MAGLEV, format!("get table {}", v.table_id)))?;
                 ids = distinct_in_order(&read_table(&inner, m, key)?);
+            } else if v.inline_count > 0 {
+                // a frontend served by its compact table alone
+                ids = v.inline_id.iter().take(v.inline_count as usize).copied().collect();
             }
             for id in &ids {
                 *used_backends.entry(*id).or_default() += 1;
@@ -1040,8 +1043,19 @@ impl Datapath {
     fn validate(&self, fe: &FrontendEntries) -> Result<()> {
         let key = fe.key;
         let m = self.cfg.maglev_size;
-        if !fe.backends.is_empty() && fe.maglev.len() != m as usize {
+        // a frontend with at most FJ_SVC_INLINE backends and no sessionAffinity may come with
+        // its compact table alone (the datapath never reads a big table for it)
+        let compact_only = fe.maglev.is_empty() && !fe.compact.is_empty() && fe.options.affinity_timeout.is_none();
+        if !fe.backends.is_empty() && !compact_only && fe.maglev.len() != m as usize {
             return Err(DatapathError::TableSize { service: fe.service.clone(), key, got: fe.maglev.len(), want: m });
+        }
+        if !fe.compact.is_empty() {
+            if fe.compact.len() != layout::SVC_SLOTS || fe.backends.len() > layout::SVC_INLINE {
+                return Err(DatapathError::TableSize { service: fe.service.clone(), key, got: fe.compact.len(), want: layout::SVC_SLOTS as u32 });
+            }
+            if let Some((slot, &index)) = fe.compact.iter().enumerate().find(|(_, &i)| i as usize >= fe.backends.len()) {
+                return Err(DatapathError::BadTable { service: fe.service.clone(), key, slot, index: index as u32, count: fe.backends.len() });
+            }
         }
         if fe.backends.is_empty() && !fe.maglev.is_empty() {
             return Err(DatapathError::BadTable { service: fe.service.clone(), key, slot: 0, index: fe.maglev[0], count: 0 });
@@ -1113,7 +1127,8 @@ impl Datapath {
             fresh_table: false,
             needs_table: false,
         };
-        if !fe.backends.is_empty() {
+        // a big table where something reads it (validate() made sure it is there otherwise)
+        if !fe.maglev.is_empty() {
             match p.existing.as_ref().map(|s| s.table_id).filter(|t| *t != NO_TABLE) {
                 Some(t) => p.table_id = t,
                 None => match self.alloc_table_id() {

@@ -68,11 +68,15 @@ fn clusterip_tcp_udp_with_maglev_conntrack_and_revnat() {
     let backends: Vec<Ipv4Addr> = topo.pods[1..].iter().map(|p| p.ip).collect();
     let entries = cluster_ip(&backends);
     program(&mut dp, &entries);
-    // the kernel's tables hold exactly what fjord-lb computed
+    // the kernel's tables hold exactly what fjord-lb computed (the compact tables, in the
+    // service entries, pick every backend below)
     for e in &entries {
         let table = dp.maglev_table(&e.key).unwrap();
         let want: Vec<_> = e.maglev.iter().map(|&i| e.backends[i as usize]).collect();
         assert_eq!(table, want, "maglev table of {}", e.key);
+        let (list, compact) = dp.inline_backends(&e.key).unwrap().expect("3 backends fit the entry");
+        assert_eq!(list, e.backends);
+        assert_eq!(compact, e.compact.iter().map(|&i| e.backends[i as usize]).collect::<Vec<_>>(), "compact table of {}", e.key);
     }
     // a service without backends: TCP SYN is answered with RST
     let empty = Service {
@@ -165,7 +169,7 @@ fn clusterip_tcp_udp_with_maglev_conntrack_and_revnat() {
     let stats: BTreeMap<_, _> = dp.map_stats().unwrap().into_iter().map(|s| (s.name, s)).collect();
     assert_eq!(stats["fjord_services"].entries, 3);
     assert_eq!(stats["fjord_backends"].entries, 6, "3 pods × (TCP, UDP)");
-    assert_eq!(stats["fjord_maglev"].entries, 2, "the empty service has no table");
+    assert_eq!(stats["fjord_maglev"].entries, 0, "3 backends, no affinity: the compact tables in the entries serve them");
     assert_eq!(stats["fjord_revnat"].entries, 3);
     // every flow has 2 entries, minus the reply entry removed for the reused port
     assert_eq!(stats["fjord_ct"].entries, 2 * (N as u32 + 2) - 1);

@@ -20,7 +20,7 @@ fn svc(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, backends: &[[u8;
             options: Default::default(),
         }],
     };
-    translate(&s, &LbConfig { maglev_size: m, ..LbConfig::default() }).unwrap().remove(0)
+    translate(&s, &LbConfig { maglev_size: m, full_tables: true, ..LbConfig::default() }).unwrap().remove(0)
 }
 
 fn small(pins: &PinDir) -> DatapathConfig {
@@ -284,7 +284,7 @@ fn svc_port(name: &str, vip: [u8; 4], backends: &[([u8; 4], u16)], m: u32) -> Fr
             options: Default::default(),
         }],
     };
-    translate(&s, &LbConfig { maglev_size: m, ..LbConfig::default() }).unwrap().remove(0)
+    translate(&s, &LbConfig { maglev_size: m, full_tables: true, ..LbConfig::default() }).unwrap().remove(0)
 }
 
 /// `fjord_backend_ports` (the gate of the per-packet reply lookup) holds exactly the ports of
@@ -408,4 +408,76 @@ fn deleted_pod_addresses_mark_clear_and_clear_again() {
     assert!(!gone.contains(ip));
     gone.clear(ip).expect("clear twice");
     assert!(gone.is_empty());
+}
+
+/// A frontend with at most 8 backends and no sessionAffinity gets no big table (fjord-lb
+/// builds none: its compact table, in the service entry, serves every new flow). Growing past
+/// 8 backends or turning affinity on gives it one, shrinking back releases it; a reload
+/// recovers the backends from the entry; deleting it frees everything.
+#[test]
+fn small_frontends_live_in_their_service_entry_alone() {
+    let _l = kernel_lock();
+    let pins = PinDir::new();
+    let cfg = DatapathConfig { maglev_size: 251, max_services: 8, max_backends: 32, ct_entries: 1024, table_pool: 0, ..pins.config() };
+    let mut dp = Datapath::load(cfg.clone()).expect("load");
+    let lb = LbConfig { maglev_size: 251, ..LbConfig::default() };
+    let web = |n: u8, affinity: bool| {
+        let mut f = Frontend {
+            vip: Ipv4Addr::new(10, 96, 0, 1),
+            port: 80,
+            protocol: Protocol::Tcp,
+            backends: (1..=n).map(|i| Backend::ready(Ipv4Addr::new(10, 244, 1, i), 8080)).collect(),
+            options: Default::default(),
+        };
+        if affinity {
+            f.options.affinity_timeout = Some(60);
+        }
+        translate(&Service { name: "default/web".into(), frontends: vec![f] }, &lb).unwrap().remove(0)
+    };
+    let count = |dp: &Datapath, map: &str| dp.map_stats().unwrap().into_iter().find(|m| m.name == map).unwrap().entries;
+    let three = web(3, false);
+    assert!(three.maglev.is_empty() && !three.compact.is_empty());
+    dp.upsert(&three).unwrap();
+    assert_eq!((count(&dp, "fjord_maglev"), count(&dp, "fjord_backends")), (0, 3));
+    assert!(dp.maglev_table(&three.key).unwrap().is_empty());
+    assert_eq!(dp.inline_backends(&three.key).unwrap().unwrap().0, three.backends);
+    // 9 backends: a big table; back to 3: released
+    dp.upsert(&web(9, false)).unwrap();
+    assert_eq!((count(&dp, "fjord_maglev"), count(&dp, "fjord_backends")), (1, 9));
+    assert_eq!(dp.maglev_table(&three.key).unwrap().len(), 251);
+    assert_eq!(dp.inline_backends(&three.key).unwrap(), None);
+    dp.upsert(&three).unwrap();
+    assert!(dp.maglev_table(&three.key).unwrap().is_empty());
+    assert_eq!(dp.inline_backends(&three.key).unwrap().unwrap().0, three.backends);
+    dp.maintain().unwrap(); // the released table leaves after a grace period (no pool here)
+    assert_eq!((count(&dp, "fjord_maglev"), count(&dp, "fjord_backends")), (0, 3));
+    // sessionAffinity: its misses read the big table
+    let sticky = web(3, true);
+    assert_eq!(sticky.maglev.len(), 251);
+    dp.upsert(&sticky).unwrap();
+    assert_eq!(count(&dp, "fjord_maglev"), 1);
+    dp.upsert(&three).unwrap();
+    dp.maintain().unwrap();
+    assert_eq!(count(&dp, "fjord_maglev"), 0);
+    // a reload finds the backends in the entry (none is collected as unused)
+    drop(dp);
+    let mut dp = Datapath::load(cfg).expect("reload");
+    assert_eq!(count(&dp, "fjord_backends"), 3);
+    assert_eq!(dp.service_backends(&three.key).unwrap(), three.backends);
+    dp.upsert(&web(2, false)).unwrap();
+    assert_eq!(count(&dp, "fjord_backends"), 2, "the third backend's entry went with it");
+    // a compact table that does not fit its backends is refused, nothing changes
+    let mut bad = web(2, false);
+    bad.compact[7] = 2;
+    assert!(matches!(dp.upsert(&bad), Err(DatapathError::BadTable { slot: 7, index: 2, .. })));
+    let mut bad = web(2, false);
+    bad.compact.pop();
+    assert!(matches!(dp.upsert(&bad), Err(DatapathError::TableSize { got: 508, want: 509, .. })));
+    let mut bad = web(2, true);
+    bad.maglev.clear();
+    assert!(matches!(dp.upsert(&bad), Err(DatapathError::TableSize { got: 0, want: 251, .. })), "affinity needs the big table");
+    assert_eq!(count(&dp, "fjord_backends"), 2);
+    dp.delete(&three.key).unwrap();
+    assert_eq!((count(&dp, "fjord_services"), count(&dp, "fjord_backends"), count(&dp, "fjord_maglev")), (0, 0, 0));
+    assert_eq!(dp.counter(fjord_datapath::Stat::Error).unwrap(), 0);
 }
