@@ -633,7 +633,7 @@ async fn run(servers: &tokio::runtime::Runtime, nmax: usize, sizes: Vec<usize>, 
 
     // ---- programming: nmax services × 3 backends ----
     println!("fjord services benchmark: {} | iptables: {} | nft: {}", if smoke { "SMOKE (tiny sizes; numbers meaningless)" } else { "full" }, sh(&["iptables", "-V"]).trim(), sh(&["nft", "-v"]).trim());
-    println!("services × 3 backends; backends are echo servers on {ports} ports of 3 pods (3×{ports} distinct backend addresses); Maglev M = 16381 (agent default)");
+    println!("services × 3 backends; backends are echo servers on {ports} ports of 3 pods (3×{ports} distinct backend addresses); Maglev: each frontend's 509-slot compact table in its service entry (≤ 8 backends; M = 16381 tables only for more or sessionAffinity)");
     let m0 = api.metrics().await.unwrap();
     let sum0 = metric(&m0, "fjord_service_event_to_datapath_seconds_sum").unwrap_or(0.0);
     let cnt0 = metric(&m0, "fjord_service_event_to_datapath_seconds_count").unwrap_or(0.0);
