@@ -916,6 +916,15 @@ pub async fn run(agent: Arc<Agent>, dp: Option<Arc<Mutex<fjord_datapath::Datapat
             }
             let res = match res {
                 Ok(()) => {
+                    // the full sync re-referenced every backend it wants: the entries a
+                    // restart kept for draining flows that no service wants now can go
+                    if let Some(dp) = dp.clone() {
+                        match tokio::task::spawn_blocking(move || dp.lock().unwrap().drop_unused_backends()).await {
+                            Ok(Ok(n)) if n > 0 => info!(removed = n, "removed backend entries no service references any more"),
+                            Ok(Err(e)) => warn!(error = %e, "could not remove unused backend entries"),
+                            _ => {}
+                        }
+                    }
                     let mut w = agent.store.watch(keys::PREFIX, rev + 1).await?;
                     backoff = Duration::from_millis(100);
                     watch_loop(&agent, dp.as_ref(), &mut cache, &mut w, &lease).await

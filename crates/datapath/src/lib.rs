@@ -866,8 +866,14 @@ impl Datapath {
                     self.note_backend(addr, id); // the bits are rewritten below
                 }
                 None => {
-                    debug!(id, backend = %addr, "removing unused backend entry");
-                    self.backends_map.remove(&id).map_err(map_err(MAP_BACKENDS, "remove orphan"))?;
+                    // in no table or entry: a terminating backend still serving established
+                    // flows (only the agent's desired state knows it) or a leftover of an
+                    // interrupted update. Kept, with its id, until the agent's first full sync
+                    // has re-referenced what it wants (drop_unused_backends): removing it now
+                    // would break the draining flows for the time until then.
+                    debug!(id, backend = %addr, "backend entry referenced by no service: kept until the first full sync");
+                    self.backends.insert(addr, (id, 0));
+                    self.note_backend(addr, id);
                 }
             }
             self.next_backend_id = self.next_backend_id.max(id + 1);
@@ -1574,6 +1580,21 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Removes the backend entries no frontend references (those kept by a reload for
+    /// draining flows, see `recover`). Call after a full sync: whatever it did not reference
+    /// again is garbage. Returns how many were removed.
+    pub fn drop_unused_backends(&mut self) -> Result<usize> {
+        let unused: Vec<(BackendAddr, u32)> = self.backends.iter().filter(|(_, (_, refs))| *refs == 0).map(|(a, (id, _))| (*a, *id)).collect();
+        for (addr, id) in &unused {
+            self.backends.remove(addr);
+            self.backends_map.remove(id).map_err(map_err(MAP_BACKENDS, format!("remove unused backend {addr}")))?;
+            self.backend_removed(*addr, *id)?;
+            self.free_backend_ids.push_back(*id);
+            debug!(id, backend = %addr, "removed unused backend entry");
+        }
+        Ok(unused.len())
     }
 
     /// Bookkeeping of a backend entry that now exists: its port is a backend port (set in

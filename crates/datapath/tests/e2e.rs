@@ -614,6 +614,29 @@ fn terminating_backend_drains_and_a_removed_one_resets() {
     conns = conns2;
     assert!(fresh.iter().all(|b| b == "b1"), "a terminating backend gets no new connection");
 
+    // the agent restarts while b2 drains: the reload keeps b2's entry (no table or service
+    // entry names it, only the agent's desired state does), so its connections go on before
+    // and after the first sync; what that sync does not reference again is removed after it
+    drop(dp);
+    let mut dp = Datapath::load(pins.config()).expect("reload from pins");
+    attach_all(&mut dp, &topo);
+    let conns2 = in_netns(&client, move || {
+        for (c, b) in conns.iter_mut() {
+            assert_eq!(&c.ask("restarted").expect("a draining connection survives the restart"), b);
+        }
+        conns
+    });
+    conns = conns2;
+    dp.upsert_many(&svc(Some(true))).unwrap();
+    assert_eq!(dp.drop_unused_backends().unwrap(), 0, "the sync referenced b2 again");
+    let conns2 = in_netns(&client, move || {
+        for (c, b) in conns.iter_mut() {
+            assert_eq!(&c.ask("synced").expect("a draining connection survives the first sync"), b);
+        }
+        conns
+    });
+    conns = conns2;
+
     // b2 removed: its connections are reset (not blackholed); b1's go on
     dp.upsert_many(&svc(None)).unwrap();
     in_netns(&client, move || {

@@ -461,7 +461,7 @@ fn small_frontends_live_in_their_service_entry_alone() {
     assert_eq!(count(&dp, "fjord_maglev"), 0);
     // a reload finds the backends in the entry (none is collected as unused)
     drop(dp);
-    let mut dp = Datapath::load(cfg).expect("reload");
+    let mut dp = Datapath::load(cfg.clone()).expect("reload");
     assert_eq!(count(&dp, "fjord_backends"), 3);
     assert_eq!(dp.service_backends(&three.key).unwrap(), three.backends);
     dp.upsert(&web(2, false)).unwrap();
@@ -477,6 +477,21 @@ fn small_frontends_live_in_their_service_entry_alone() {
     bad.maglev.clear();
     assert!(matches!(dp.upsert(&bad), Err(DatapathError::TableSize { got: 0, want: 251, .. })), "affinity needs the big table");
     assert_eq!(count(&dp, "fjord_backends"), 2);
+    // a terminating backend: only its entry in fjord_backends (no table, not in the service
+    // entry) keeps its flows going; a reload keeps it until drop_unused_backends, which the
+    // agent calls after its first full sync
+    let mut f = Frontend::new(Ipv4Addr::new(10, 96, 0, 1), 80, Protocol::Tcp, (1..=2).map(|i| Backend::ready(Ipv4Addr::new(10, 244, 1, i), 8080)).collect());
+    f.backends[1] = Backend { ready: false, serving: true, terminating: true, ..f.backends[1].clone() };
+    let draining = translate(&Service { name: "default/web".into(), frontends: vec![f] }, &lb).unwrap().remove(0);
+    assert_eq!(draining.draining.len(), 1);
+    dp.upsert(&draining).unwrap();
+    assert_eq!(count(&dp, "fjord_backends"), 2);
+    drop(dp);
+    let mut dp = Datapath::load(cfg.clone()).expect("reload");
+    assert_eq!(count(&dp, "fjord_backends"), 2, "the draining backend's entry survives the reload");
+    assert_eq!(dp.drop_unused_backends().unwrap(), 1, "no sync referenced it again: garbage");
+    assert_eq!(count(&dp, "fjord_backends"), 1);
+    assert_eq!(dp.drop_unused_backends().unwrap(), 0);
     dp.delete(&three.key).unwrap();
     assert_eq!((count(&dp, "fjord_services"), count(&dp, "fjord_backends"), count(&dp, "fjord_maglev")), (0, 0, 0));
     assert_eq!(dp.counter(fjord_datapath::Stat::Error).unwrap(), 0);
