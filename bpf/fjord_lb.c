@@ -886,12 +886,7 @@ static __always_inline int fj_local_deliver(struct __sk_buff *skb, struct fj_con
 	__u32 oif = p.ifindex;
 	if (!bpf_map_lookup_elem(&fjord_pod_ifs, &oif))
 		return TC_ACT_OK;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end)
-		return TC_ACT_OK;
+	/* (bpf_fib_lookup leaves the packet as it is: eth and ip stay valid) */
 	__builtin_memcpy(eth->h_dest, p.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, p.smac, ETH_ALEN);
 	/* the kernel's ip_decrease_ttl: TTL is the high byte of its 16-bit word */
